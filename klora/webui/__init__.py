@@ -1,0 +1,1 @@
+"""The only part of the project that imports the webui's ``modules``."""
