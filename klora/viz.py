@@ -1,0 +1,526 @@
+"""Human-readable views of a fusion plan: a text summary and the selection map (the paper's Fig. 6).
+
+The map has one row per layer in model order (UNet down, mid, up blocks, then the text encoders) and one
+column per sampling step ``i`` at progress ``tau = i / N``; each cell is coloured by the delta applied there.
+Only Pillow is used (the webui ships it; it does not ship matplotlib), and only Latin-1 text is drawn,
+because Pillow's default font has no Greek letters or arrows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from klora.fusion import Plan
+
+#: Letter of ``Plan.choices`` → what it means.
+CHOICE_NAMES: dict[str, str] = {"C": "content", "S": "style", "B": "both", "-": "none"}
+#: Cell colours of the selection map (blue content and green style, as in the paper's Fig. 6).
+COLORS: dict[str, tuple[int, int, int]] = {
+    "C": (45, 105, 200),
+    "S": (60, 165, 90),
+    "B": (235, 165, 45),
+    "-": (205, 205, 205),
+}
+BACKGROUND = (255, 255, 255)
+INK = (30, 30, 30)
+MUTED = (110, 110, 110)
+RULE = (175, 175, 175)
+
+# --------------------------------------------------------------------------------------------- blocks
+
+
+def block_of(key: str) -> str:
+    """The block a canonical layer key belongs to: ``down 1``, ``mid``, ``up 2``, ``TE1``, ``TE2``; Flux
+    (component ``transformer``): ``double``, ``single``, ``in``, ``out``."""
+    component, _, path = key.partition("/")
+    if component.startswith("te"):
+        return component.upper()
+    if component == "transformer":
+        if re.match(r"(transformer_blocks|double_blocks)_\d+_", path):
+            return "double"
+        if re.match(r"(single_transformer_blocks|single_blocks)_\d+_", path):
+            return "single"
+        return "out" if re.match(r"(norm_out|proj_out|final_layer)", path) else "in"  # embedders
+    m = re.match(r"(down|up)_blocks_(\d+)_", path)
+    if m:
+        return f"{m.group(1)} {m.group(2)}"
+    if path.startswith("mid_block_"):
+        return "mid"
+    if re.match(r"(conv_in|time_embedding|add_embedding|time_proj)", path):
+        return "in"
+    if re.match(r"(conv_norm_out|conv_out)", path):
+        return "out"
+    return "other"
+
+
+def _natural(text: str) -> tuple[Any, ...]:
+    """Sort key that orders embedded numbers numerically (``layers_10`` after ``layers_9``)."""
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", text)))
+
+
+def _rank(name: str, order: Iterable[str]) -> int:
+    order = list(order)
+    for i, prefix in enumerate(order):
+        if name.startswith(prefix):
+            return i
+    return len(order)
+
+
+_IN_ORDER = ("time_embedding", "add_embedding", "conv_in")  # the time embedding runs before conv_in
+_RESNET_ORDER = ("conv1", "time_emb_proj", "conv2", "conv_shortcut")
+_ATTN_ORDER = ("to_q", "to_k", "to_v", "to_out")
+_FF_ORDER = ("ff_net_0", "ff_net_2")
+_TE_ORDER = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1",
+             "mlp_fc2")
+
+
+def _in_block_order(rest: str) -> tuple[int, int, int, int, int]:
+    """Position of a module inside a UNet block, as the forward pass meets it."""
+    big = 10**6
+    m = re.match(r"(resnets|attentions)_(\d+)_(.*)", rest)
+    if m:
+        j, sub = int(m.group(2)), m.group(3)
+        if m.group(1) == "resnets":
+            return (j, 0, _rank(sub, _RESNET_ORDER), 0, 0)
+        if sub.startswith(("norm", "proj_in")):
+            return (j, 1, 0, 0, 0)
+        t = re.match(r"transformer_blocks_(\d+)_(.*)", sub)
+        if t:
+            tsub = t.group(2)
+            a = re.match(r"attn(\d+)_(.*)", tsub)
+            if a:
+                return (j, 1, 1 + int(t.group(1)), int(a.group(1)), _rank(a.group(2), _ATTN_ORDER))
+            return (j, 1, 1 + int(t.group(1)), 100, _rank(tsub, _FF_ORDER))
+        return (j, 1, big, 0, 0)  # proj_out and anything after the transformer blocks
+    m = re.match(r"(downsamplers|upsamplers)_(\d+)_", rest)
+    if m:
+        return (big, int(m.group(2)), 0, 0, 0)
+    return (big + 1, 0, 0, 0, 0)
+
+
+_FLUX_DOUBLE_ORDER = ("norm1_linear", "norm1_context_linear", "attn_to_q", "attn_to_k", "attn_to_v",
+                      "attn_add_q_proj", "attn_add_k_proj", "attn_add_v_proj", "attn_to_out",
+                      "attn_to_add_out", "ff_net", "ff_context_net")
+_FLUX_SINGLE_ORDER = ("norm_linear", "proj_mlp", "attn_to_q", "attn_to_k", "attn_to_v", "proj_out")
+_FLUX_IN_ORDER = ("x_embedder", "time_text_embed_timestep", "time_text_embed_guidance",
+                  "time_text_embed_text", "context_embedder")
+_FLUX_BLOCK = re.compile(
+    r"(?:single_transformer_blocks|single_blocks|transformer_blocks|double_blocks)_(\d+)_(.*)")
+_BLOCK_RANK = {"in": 0, "down": 1, "mid": 2, "up": 3, "double": 1, "single": 2, "out": 4}
+
+
+def layer_order_key(key: str) -> tuple[Any, ...]:
+    """Sort key putting canonical keys in model order: the denoiser (UNet: in, down, mid, up, out; Flux: in,
+    double, single, out), then the text encoders (TE1, TE2, TE3)."""
+    component, _, path = key.partition("/")
+    block = block_of(key)
+    zero = (0, 0, 0, 0, 0)
+    if component.startswith("te"):
+        m = re.match(r"text_model_encoder_layers_(\d+)_(.*)", path)
+        inner = (int(m.group(1)), _rank(m.group(2), _TE_ORDER), 0, 0, 0) if m else (10**6, 0, 0, 0, 0)
+        return (1, component, 0, 0, inner, _natural(path))
+    if component == "transformer":
+        m = _FLUX_BLOCK.match(path)
+        if m:
+            order = _FLUX_SINGLE_ORDER if block == "single" else _FLUX_DOUBLE_ORDER
+            inner = (int(m.group(1)), _rank(m.group(2), order), 0, 0, 0)
+        else:
+            inner = (_rank(path, _FLUX_IN_ORDER), 0, 0, 0, 0)
+        return (0, component, _BLOCK_RANK[block], 0, inner, _natural(path))
+    m = re.match(r"(down|up)_blocks_(\d+)_(.*)", path)
+    if m:
+        return (0, component, _BLOCK_RANK[m.group(1)], int(m.group(2)), _in_block_order(m.group(3)),
+                _natural(path))
+    if block == "mid":
+        return (0, component, 2, 0, _in_block_order(path[len("mid_block_"):]), _natural(path))
+    inner = (_rank(path, _IN_ORDER), 0, 0, 0, 0) if block == "in" else zero
+    return (0, component, _BLOCK_RANK.get(block, 5), 0, inner, _natural(path))
+
+
+def ordered_keys(plan: Plan) -> list[str]:
+    """The plan's layer keys in model order."""
+    return sorted(plan.layers, key=layer_order_key)
+
+
+def blocks(plan: Plan) -> list[tuple[str, list[str]]]:
+    """``[(block name, [keys in model order])]`` in model order."""
+    out: list[tuple[str, list[str]]] = []
+    for key in ordered_keys(plan):
+        name = block_of(key)
+        if out and out[-1][0] == name:
+            out[-1][1].append(key)
+        else:
+            out.append((name, [key]))
+    return out
+
+
+# -------------------------------------------------------------------------------------------- summary
+
+
+def plan_parameters(plan: Plan) -> dict[str, Any]:
+    """Pattern, resolved alpha/beta, gamma and the other options the plan was made with."""
+    o = plan.options
+    return {
+        "pattern": o.pattern,
+        "alpha": float(plan.alpha),
+        "beta": float(plan.beta),
+        "gamma": float(plan.gamma),
+        "gamma_method": str(plan.gamma_method),
+        "gamma_note": str(getattr(plan, "gamma_note", "") or ""),
+        "mode": o.mode,
+        "scope": o.scope,
+        "te": o.te,
+        "content_strength": o.content_strength,
+        "style_strength": o.style_strength,
+        "seed": o.seed,
+    }
+
+
+def choice_table(plan: Plan, steps: int) -> dict[str, str]:
+    """``{key: one letter per step}`` for every layer, in model order."""
+    return {key: plan.choices(key, steps) for key in ordered_keys(plan)}
+
+
+_SPARKS = " ▁▂▃▄▅▆▇█"
+
+
+def _sparkline(values: list[float | None], width: int = 60) -> str:
+    if len(values) > width:  # sample evenly so that the line stays one terminal row
+        values = [values[round(j * (len(values) - 1) / (width - 1))] for j in range(width)]
+    return "".join("·" if v is None else _SPARKS[round(v * (len(_SPARKS) - 1))] for v in values)
+
+
+def _fmt_float(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}g}"
+
+
+def _span(values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    return f"step {lo}" if lo == hi else f"steps {lo}–{hi}"
+
+
+def _block_line(name: str, keys: list[str], table: dict[str, str]) -> str:
+    """``up 1: 36 layers; flips C→S at steps 3–12 (30 layers); 6 stay style``."""
+    flips: dict[tuple[str, str], list[int]] = defaultdict(list)
+    steady: Counter[str] = Counter()
+    for key in keys:
+        row = table[key]
+        at = [i for i in range(1, len(row)) if row[i] != row[i - 1]]
+        for i in at:
+            flips[(row[i - 1], row[i])].append(i)
+        if not at:
+            steady[row[0] if row else "-"] += 1
+    parts = [f"{name}: {len(keys)} layer{'s' if len(keys) != 1 else ''}"]
+    if flips:
+        parts.append("flips " + ", ".join(
+            f"{a}→{b} at {_span(at)} ({len(at)} layer{'s' if len(at) != 1 else ''})"
+            for (a, b), at in sorted(flips.items(), key=lambda kv: (min(kv[1]), kv[0]))
+        ))
+    if steady:
+        every = "all " if not flips and len(keys) > 1 and len(steady) == 1 else ""
+        parts.append(", ".join(f"{every}{n} stay{'s' if n == 1 else ''} {CHOICE_NAMES[c]}"
+                               for c, n in steady.most_common()))
+    return "; ".join(parts)
+
+
+def summarize(plan: Plan, steps: int) -> str:
+    """A short human summary of a plan over an ``steps``-step run (progress tau = i/steps at step i)."""
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    p = plan_parameters(plan)
+    table = choice_table(plan, steps)
+    sources = Counter(lp.source for lp in plan.layers.values())
+    shared = Counter(key.partition("/")[0] for key, lp in plan.layers.items() if lp.source == "shared")
+    comp_text = ", ".join(f"{c} {n}" for c, n in sorted(shared.items()))
+    k_range = plan.k_range
+    k_text = "K n/a" if k_range is None else "K " + (
+        f"{k_range[0]}" if k_range[0] == k_range[1] else f"{k_range[0]}–{k_range[1]}")
+    scored = sum(lp.k is not None for lp in plan.layers.values())
+    gamma_how = p["gamma_method"] + (f": {p['gamma_note']}" if p["gamma_note"] else "")
+
+    lines = [
+        f"layers: {sources['shared']} shared ({comp_text or 'none'}), {sources['content']} content only, "
+        f"{sources['style']} style only; {scored} scored, {k_text}",
+        f"gamma {_fmt_float(p['gamma'])} ({gamma_how})"
+        + ("" if p["mode"] == "klora" else f"; not used by mode {p['mode']}"),
+        f"pattern {p['pattern']}: S(tau) = {_fmt_float(p['alpha'])}·tau + {_fmt_float(p['beta'])}"
+        + (f" mod {_fmt_float(p['alpha'])}" if p["pattern"] == "s*" else "")
+        + f"; mode {p['mode']}, scope {p['scope']}, te {p['te']}, strengths content "
+        f"{_fmt_float(p['content_strength'])} / style {_fmt_float(p['style_strength'])}",
+    ]
+    shares = plan.content_share(steps)
+    marks = sorted({round(j * (steps - 1) / 5) for j in range(6)})
+    row = "  ".join(f"{i}:{'-' if shares[i] is None else f'{shares[i]:.0%}'}" for i in marks)
+    lines.append(f"content share of the layers decided per step ({steps} steps): {row}")
+    lines.append(f"  step 0 {_sparkline(shares)} step {steps - 1}")
+    lines.append("flips by block (first step of the new choice; C content, S style, B both, - none):")
+    lines.extend("  " + _block_line(name, keys, table) for name, keys in blocks(plan))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- image
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at ``size`` px (Pillow >= 10.1), else its fixed bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)  # type: ignore[call-arg]
+    except TypeError:  # Pillow < 10.1 takes no size
+        return ImageFont.load_default()
+
+
+def _latin1(text: str) -> str:
+    """Text Pillow's default fonts can draw (Latin-1 only; no Greek, no arrows)."""
+    text = text.replace("→", "->").replace("–", "-").replace("τ", "tau").replace("γ", "gamma")
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
+    left, _, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom
+
+
+def _tick_step(steps: int, cell_w: int, min_gap: int = 34) -> int:
+    for base in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000):
+        if base * cell_w >= min_gap:
+            return base
+    return max(1, steps)
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    """Geometry of a selection map: where the cell of (layer, step) lies."""
+
+    width: int
+    height: int
+    grid_x: int  # left edge of the step-0 column
+    cell_w: int
+    row_h: int
+    row_y: dict[str, int]  # layer key → top edge of its row
+    block_spans: list[tuple[str, int, int]]  # (block, top, bottom) of each block's rows
+    grid_top: int
+    grid_bottom: int
+
+    def cell_box(self, key: str, step: int) -> tuple[int, int, int, int]:
+        """``(left, top, right, bottom)`` of a cell, right/bottom exclusive."""
+        x = self.grid_x + step * self.cell_w
+        y = self.row_y[key]
+        return x, y, x + self.cell_w, y + self.row_h
+
+    def cell_center(self, key: str, step: int) -> tuple[int, int]:
+        left, top, right, bottom = self.cell_box(key, step)
+        return (left + right - 1) // 2, (top + bottom - 1) // 2
+
+
+# sizes in px
+_MARGIN = 14
+_GRID_MIN_W = 640
+_GRID_TARGET_H = 720
+_BLOCK_GAP = 3
+_SECTION_GAP = 9
+_SHARE_H = 44
+
+
+def _row_height(n_layers: int) -> int:
+    return max(1, min(14, _GRID_TARGET_H // max(1, n_layers)))
+
+
+def _cell_width(steps: int) -> int:
+    return max(1, math.ceil(_GRID_MIN_W / steps))
+
+
+def _wrap(draw: ImageDraw.ImageDraw, words: list[str], font: Any, width: int, sep: str = "   ") -> list[str]:
+    lines: list[str] = []
+    cur = ""
+    for w in words:
+        trial = w if not cur else cur + sep + w
+        if cur and _text_size(draw, trial, font)[0] > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = trial
+    if cur:
+        lines.append(cur)
+    return lines
+
+
+def render_selection_map(plan: Plan, steps: int, title: str | None = None) -> Image.Image:
+    """Draw which delta each layer applies at each step (rows: layers in model order; columns: steps)."""
+    image, _ = _render(plan, steps, title)
+    assert image is not None
+    return image
+
+
+def map_layout(plan: Plan, steps: int, title: str | None = None) -> MapLayout:
+    """The geometry :func:`render_selection_map` uses for the same arguments."""
+    return _render(plan, steps, title, draw_it=False)[1]
+
+
+def _render(plan: Plan, steps: int, title: str | None,
+            draw_it: bool = True) -> tuple[Image.Image | None, MapLayout]:
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    if not plan.layers:
+        raise ValueError("the plan has no layers")
+    table = choice_table(plan, steps)
+    groups = blocks(plan)
+    p = plan_parameters(plan)
+
+    title_font, font, small = _font(16), _font(12), _font(11)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = _text_size(probe, "Ag", font)[1] + 4
+    title_h = _text_size(probe, "Ag", title_font)[1] + 6
+
+    cell_w, row_h = _cell_width(steps), _row_height(len(table))
+    grid_w = steps * cell_w
+    label_w = max(_text_size(probe, _latin1(name), font)[0] for name, _ in groups) + 18
+    share_label = "content share"
+    label_w = max(label_w, _text_size(probe, share_label, small)[0] + 10)
+    grid_x = _MARGIN + label_w
+    width = grid_x + grid_w + _text_size(probe, "100%", small)[0] + 6 + _MARGIN
+
+    # header: title, parameters (wrapped), legend
+    head = _latin1(title or "K-LoRA selection map")
+    width = max(width, _text_size(probe, head, title_font)[0] + 2 * _MARGIN)
+    params = [
+        f"pattern {p['pattern']}",
+        f"alpha {_fmt_float(p['alpha'])}",
+        f"beta {_fmt_float(p['beta'])}",
+        f"gamma {_fmt_float(p['gamma'])} ({p['gamma_method']})",
+        f"mode {p['mode']}",
+        f"scope {p['scope']}",
+        f"te {p['te']}",
+        f"{len(table)} layers x {steps} steps",
+    ]
+    param_lines = _wrap(probe, [_latin1(s) for s in params], font, width - 2 * _MARGIN)
+    present = {c for row in table.values() for c in row}
+    legend = [c for c in ("C", "S", "B", "-") if c in ("C", "S") or c in present]
+    y = _MARGIN
+    title_y = y
+    y += title_h
+    params_y = y
+    y += line_h * len(param_lines)
+    legend_y = y + 2
+    sw = line_h - 6  # legend swatch size
+    legend_w = sum(sw + 5 + _text_size(probe, CHOICE_NAMES[c], font)[0] + 16 for c in legend)
+    note = "rows: layers in model order   columns: sampling steps"
+    note_xy = (_MARGIN + legend_w + 8, legend_y)
+    if note_xy[0] + _text_size(probe, note, font)[0] > width - _MARGIN:
+        note_xy = (_MARGIN, legend_y + line_h)
+    y = note_xy[1] + line_h + 8
+
+    # grid rows
+    grid_top = y
+    row_y: dict[str, int] = {}
+    spans: list[tuple[str, int, int]] = []
+    prev_section = None
+    for name, keys in groups:
+        section = keys[0].partition("/")[0]
+        if prev_section is not None:
+            y += _SECTION_GAP if section != prev_section else _BLOCK_GAP
+        prev_section = section
+        top = y
+        for key in keys:
+            row_y[key] = y
+            y += row_h
+        spans.append((name, top, y))
+    grid_bottom = y
+
+    share_top = grid_bottom + 8
+    share_bottom = share_top + _SHARE_H
+    ticks_y = share_bottom + 3
+    height = ticks_y + 6 + line_h * 2 + _MARGIN
+    layout = MapLayout(width, height, grid_x, cell_w, row_h, row_y, spans, grid_top, grid_bottom)
+    if not draw_it:
+        return None, layout
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+
+    draw.text((_MARGIN, title_y), head, font=title_font, fill=INK)
+    for j, text in enumerate(param_lines):
+        draw.text((_MARGIN, params_y + j * line_h), text, font=font, fill=MUTED)
+    x = _MARGIN
+    for c in legend:
+        draw.rectangle((x, legend_y + 2, x + sw, legend_y + 2 + sw), fill=COLORS[c], outline=INK)
+        x += sw + 5
+        draw.text((x, legend_y), CHOICE_NAMES[c], font=font, fill=INK)
+        x += _text_size(draw, CHOICE_NAMES[c], font)[0] + 16
+    draw.text(note_xy, note, font=font, fill=MUTED)
+
+    # cells: draw runs of equal letters as one rectangle per row
+    for key, row in table.items():
+        top = row_y[key]
+        start = 0
+        for i in range(1, steps + 1):
+            if i == steps or row[i] != row[start]:
+                draw.rectangle(
+                    (grid_x + start * cell_w, top, grid_x + i * cell_w - 1, top + row_h - 1),
+                    fill=COLORS.get(row[start], COLORS["-"]),
+                )
+                start = i
+
+    # block labels with a bracket; labels are pushed apart when blocks are thinner than the text
+    text_h = _text_size(draw, "Ag", font)[1]
+    wanted = [((top + bottom) // 2 - text_h // 2, name, top, bottom) for name, top, bottom in spans]
+    placed: list[int] = []
+    for ly, *_ in wanted:
+        placed.append(max(ly, placed[-1] + text_h + 1) if placed else ly)
+    overflow = placed[-1] + text_h - grid_bottom if placed else 0
+    if overflow > 0:  # shift back up from the bottom, never above the grid's top
+        for j in range(len(placed) - 1, -1, -1):
+            limit = grid_bottom - text_h - (len(placed) - 1 - j) * (text_h + 1)
+            placed[j] = max(grid_top, min(placed[j], limit))
+    bx = grid_x - 5
+    for (_, name, top, bottom), ly in zip(wanted, placed, strict=True):
+        draw.line((bx, top, bx, bottom - 1), fill=MUTED)
+        draw.line((bx, top, bx + 2, top), fill=MUTED)
+        draw.line((bx, bottom - 1, bx + 2, bottom - 1), fill=MUTED)
+        label = _latin1(name)
+        tw = _text_size(draw, label, font)[0]
+        tx = bx - 6 - tw
+        draw.text((tx, ly), label, font=font, fill=INK)
+        mid_label, mid_block = ly + text_h // 2 + 1, (top + bottom) // 2
+        if abs(mid_label - mid_block) > 2:
+            draw.line((bx - 5, mid_label, bx, mid_block), fill=RULE)
+
+    # content share strip (layers decided per step), the same columns as the grid
+    shares = plan.content_share(steps)
+    draw.rectangle((grid_x - 1, share_top - 1, grid_x + grid_w, share_bottom), outline=RULE)
+    for i, share in enumerate(shares):
+        x0, x1 = grid_x + i * cell_w, grid_x + (i + 1) * cell_w - 1
+        if share is None:
+            draw.rectangle((x0, share_top, x1, share_bottom - 1), fill=COLORS["-"])
+            continue
+        split = share_bottom - round(share * _SHARE_H)
+        if split > share_top:
+            draw.rectangle((x0, share_top, x1, split - 1), fill=COLORS["S"])
+        if split < share_bottom:
+            draw.rectangle((x0, split, x1, share_bottom - 1), fill=COLORS["C"])
+    for text, ty in (("100%", share_top), ("0%", share_bottom - _text_size(draw, "0%", small)[1])):
+        draw.text((grid_x + grid_w + 4, ty), text, font=small, fill=MUTED)
+    sl_w, sl_h = _text_size(draw, share_label, small)
+    draw.text((grid_x - 8 - sl_w, share_top + (_SHARE_H - sl_h) // 2), share_label, font=small, fill=MUTED)
+
+    # step ticks
+    every = _tick_step(steps, cell_w)
+    for i in range(0, steps, every):
+        cx = grid_x + i * cell_w + cell_w // 2
+        draw.line((cx, ticks_y, cx, ticks_y + 3), fill=INK)
+        label = str(i)
+        tw = _text_size(draw, label, small)[0]
+        draw.text((min(max(cx - tw // 2, grid_x), width - _MARGIN - tw), ticks_y + 5), label, font=small,
+                  fill=INK)
+    axis = f"sampling step i  (progress tau = i/{steps})"
+    aw = _text_size(draw, axis, font)[0]
+    draw.text((grid_x + (grid_w - aw) // 2, ticks_y + 6 + line_h), axis, font=font, fill=MUTED)
+    return image, layout
