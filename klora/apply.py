@@ -1,0 +1,542 @@
+"""Apply a fusion plan to torch modules with forward hooks.
+
+Each patched module gets a forward hook that adds the output of the delta the plan chooses for the
+current sampling progress τ: ``up(down(x))`` for LoRA/LoCon layers (the dense ΔW is never built for
+them), ``F.linear``/``F.conv2d`` with the dense ΔW for LoHa, LoKr and full layers. No weight is
+written, so the hooks compose with other LoRAs the host patches into the weights, survive offloading,
+and leave nothing to restore: removing the hooks is the whole clean-up.
+
+Cost per hook call: the layer's choice is recomputed only when the clock's τ changes (one
+``Plan.choose`` per layer per step, pushed to the hooks); a call reads one attribute, finds the
+factors for the output's device and dtype (moved once, then cached), and runs the low-rank products.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .delta import bias_delta, dense_delta, low_rank
+from .formats import LoraFile, LoraFormatError, LoraLayer
+
+if TYPE_CHECKING:
+    from .fusion import Plan
+
+__all__ = ["Hooks", "ShapeMismatchError", "StepClock", "Target", "attach", "attached"]
+
+
+class ShapeMismatchError(LoraFormatError):
+    """A LoRA layer whose delta does not fit the module (or rows) it would be added to."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The module a canonical layer key patches; ``rows`` selects output rows of a fused layer
+    (for example the q rows of a fused qkv Linear), ``None`` means the whole output."""
+
+    module: nn.Module
+    rows: slice | None = None
+
+
+class StepClock:
+    """Sampling progress τ in [0, 1], set by the host before each model call.
+
+    Hooks attached with this clock subscribe to it; the per-layer choices are recomputed once, when
+    τ changes, never inside a forward call.
+    """
+
+    def __init__(self, tau: float = 0.0) -> None:
+        self._tau = 0.0
+        self._listeners: list[Callable[[float], None]] = []
+        self.tau = tau
+
+    @property
+    def tau(self) -> float:
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        value = float(value)
+        if math.isnan(value):
+            raise ValueError("tau must be a number in [0, 1], got NaN")
+        value = min(1.0, max(0.0, value))
+        if value != self._tau:
+            self._tau = value
+            for listener in tuple(self._listeners):
+                listener(value)
+
+    def set_step(self, step: int, total: int, skipped: int = 0) -> float:
+        """Set τ = clamp((skipped + step) / (skipped + total)) and return it.
+
+        ``skipped`` is the number of schedule steps before this pass starts (img2img, hires fix), so
+        that τ continues where the pass's starting noise sits in the full schedule.
+        """
+        full = skipped + total
+        if full <= 0:
+            raise ValueError(f"total steps must be positive, got skipped={skipped}, total={total}")
+        self.tau = (skipped + step) / full
+        return self._tau
+
+    def _subscribe(self, listener: Callable[[float], None]) -> None:
+        self._listeners.append(listener)
+
+    def _unsubscribe(self, listener: Callable[[float], None]) -> None:
+        # Bound methods compare equal but are new objects each time: remove by equality.
+        self._listeners = [fn for fn in self._listeners if fn != listener]
+
+
+# --------------------------------------------------------------------------------------------------
+# Delta paths: what one LoRA layer adds to one module's output
+
+
+class _Path:
+    """Prepared fp32 CPU tensors of one delta and their copies per (device, dtype), made on first use."""
+
+    __slots__ = ("_cache", "_cur", "_dev", "_dt", "master")
+
+    def __init__(self, *master: torch.Tensor | None) -> None:
+        self.master = master
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[Any, ...]] = {}
+        self._dev: torch.device | None = None
+        self._dt: torch.dtype | None = None
+        self._cur: tuple[Any, ...] = ()
+
+    def tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
+        if dtype is self._dt and device == self._dev:
+            return self._cur
+        key = (device, dtype)
+        cur = self._cache.get(key)
+        if cur is None:
+            cur = tuple(None if t is None else t.to(device=device, dtype=dtype) for t in self.master)
+            self._cache[key] = cur
+        self._dev, self._dt, self._cur = device, dtype, cur
+        return cur
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._dev = self._dt = None
+        self._cur = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.master if t is not None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def add_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out += delta(x)`` in place."""
+        out.add_(self(x))
+
+
+class _LinearLowRank(_Path):
+    """(x @ downᵀ) @ upᵀ; down (r, in), up (out, r) with strength × scale folded in."""
+
+    __slots__ = ()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = self.tensors(x.device, x.dtype)
+        return F.linear(F.linear(x, down), up)
+
+    def add_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        down, up = self.tensors(x.device, x.dtype)
+        h = F.linear(x, down)
+        if out.is_contiguous():  # the up product accumulates straight into the output: one kernel less
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+        else:
+            out.add_(F.linear(h, up))
+
+
+class _LinearDense(_Path):
+    __slots__ = ()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.tensors(x.device, x.dtype)
+        return F.linear(x, w, b)
+
+
+@dataclass(frozen=True)
+class _ConvGeometry:
+    """The spatial parameters of a Conv2d, so that a delta conv lines up with the module's output."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    pad: tuple[int, int, int, int] | None  # explicit F.pad amounts for non-zero padding modes
+    pad_mode: str
+
+    @staticmethod
+    def of(module: nn.Module, kernel: tuple[int, int]) -> _ConvGeometry:
+        stride = tuple(module.stride)
+        dilation = tuple(module.dilation)
+        padding = module.padding
+        mode = getattr(module, "padding_mode", "zeros")
+        if mode == "zeros":
+            return _ConvGeometry(stride, padding if isinstance(padding, str) else tuple(padding),
+                                 dilation, None, mode)
+        if padding == "valid":
+            amounts: tuple[int, ...] = (0, 0, 0, 0)
+        elif padding == "same":
+            amounts = ()
+            for d, k in zip(reversed(dilation), reversed(kernel), strict=True):
+                total = d * (k - 1)
+                amounts += (total // 2, total - total // 2)
+        else:
+            amounts = (padding[1], padding[1], padding[0], padding[0])
+        return _ConvGeometry(stride, (0, 0), dilation, tuple(amounts), mode)
+
+    def prepad(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.pad is None else F.pad(x, self.pad, mode=self.pad_mode)
+
+    def conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+
+
+class _ConvLowRank(_Path):
+    """conv(x, down) with the module's geometry, then the 1×1 ``up``; down (r, in, kh, kw)."""
+
+    __slots__ = ("geo",)
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, geo: _ConvGeometry) -> None:
+        super().__init__(down, up)
+        self.geo = geo
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = self.tensors(x.device, x.dtype)
+        return F.conv2d(self.geo.conv(self.geo.prepad(x), down), up)
+
+
+class _ConvTucker(_Path):
+    """Tucker/CP LoCon: 1×1 ``down`` (r, in), the spatial ``mid`` (r, r, kh, kw) with the module's
+    geometry, then 1×1 ``up``. The 1×1 down commutes with padding, so it runs first on fewer channels."""
+
+    __slots__ = ("geo",)
+
+    def __init__(self, down: torch.Tensor, mid: torch.Tensor, up: torch.Tensor, geo: _ConvGeometry) -> None:
+        super().__init__(down, mid, up)
+        self.geo = geo
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        down, mid, up = self.tensors(x.device, x.dtype)
+        h = F.conv2d(self.geo.prepad(x), down)
+        return F.conv2d(self.geo.conv(h, mid), up)
+
+
+class _ConvDense(_Path):
+    __slots__ = ("geo",)
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, geo: _ConvGeometry) -> None:
+        super().__init__(w, b)
+        self.geo = geo
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.tensors(x.device, x.dtype)
+        return self.geo.conv(self.geo.prepad(x), w, b)
+
+
+class _Sum:
+    """Both deltas where their factors cannot be stacked into one low-rank product."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: _Path, b: _Path) -> None:
+        self.a, self.b = a, b
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+    def add_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        self.a.add_into(x, out)
+        self.b.add_into(x, out)
+
+    def clear(self) -> None:
+        self.a.clear()
+        self.b.clear()
+
+
+def _combine(a: _Path, b: _Path) -> _Path | _Sum:
+    """One product for content + style where both are plain low-rank of the same layout: the factors
+    stacked along the rank (down rows, up columns) give exactly up_a·down_a + up_b·down_b."""
+    if type(a) is _LinearLowRank and type(b) is _LinearLowRank:
+        return _LinearLowRank(torch.cat([a.master[0], b.master[0]], 0),
+                              torch.cat([a.master[1], b.master[1]], 1))
+    if (type(a) is _ConvLowRank and type(b) is _ConvLowRank and a.geo == b.geo
+            and a.master[0].shape[2:] == b.master[0].shape[2:]):
+        return _ConvLowRank(torch.cat([a.master[0], b.master[0]], 0),
+                            torch.cat([a.master[1], b.master[1]], 1), a.geo)
+    return _Sum(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+
+
+@dataclass(frozen=True)
+class _Site:
+    """What a delta must fit: the module kind and the weight shape (of the selected rows)."""
+
+    conv: bool
+    shape: tuple[int, ...]  # (out, in) or (out, in, kh, kw); out counts the selected rows only
+    full_out: int
+    rows: slice | None
+    geo: _ConvGeometry | None
+
+    @property
+    def described(self) -> str:
+        if self.rows is None:
+            return str(self.shape)
+        return f"{self.shape} (rows {self.rows.start}:{self.rows.stop} of {self.full_out})"
+
+
+def _site(key: str, target: Target) -> _Site:
+    m = target.module
+    if isinstance(m, nn.Conv2d) or (hasattr(m, "kernel_size") and hasattr(m, "in_channels")):
+        kernel = tuple(m.kernel_size)
+        if len(kernel) != 2:
+            raise ValueError(f"{key}: only 2-D convolutions are supported, got {type(m).__name__}")
+        if getattr(m, "groups", 1) != 1 or getattr(m, "transposed", False):
+            raise ValueError(f"{key}: grouped and transposed convolutions are not supported")
+        out, inp = int(m.out_channels), int(m.in_channels)
+        geo: _ConvGeometry | None = _ConvGeometry.of(m, kernel)
+        tail: tuple[int, ...] = kernel
+        conv = True
+    elif isinstance(m, nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features")):
+        out, inp = int(m.out_features), int(m.in_features)
+        geo, tail, conv = None, (), False
+    else:
+        raise ValueError(f"{key}: cannot hook a {type(m).__name__} (Linear or Conv2d expected)")
+    rows = target.rows
+    n = out
+    if rows is not None:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise ValueError(f"{key}: rows must be a contiguous slice, got {rows!r}")
+        start, stop, _ = rows.indices(out)
+        n = stop - start
+        if n <= 0:
+            raise ValueError(f"{key}: rows {rows!r} select nothing of {out} output features")
+        rows = slice(start, stop)
+    return _Site(conv, (n, inp, *tail), out, rows, geo)
+
+
+def _squeeze_1x1(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
+
+
+def _mismatch(file: LoraFile, layer: LoraLayer, site: _Site, what: str) -> ShapeMismatchError:
+    return ShapeMismatchError(
+        file.path,
+        f"{what} {tuple(layer.shape)} does not fit the module weight {site.described}; "
+        "is this LoRA made for another base model?",
+        key=layer.key,
+    )
+
+
+def _prepare(file: LoraFile, layer: LoraLayer, strength: float, site: _Site) -> _Path:
+    """Fold scale and strength into factors shaped for ``site`` (checked), or the dense ΔW for kinds
+    without a cheap factorisation. A Linear and a 1×1 conv accept each other's layouts."""
+    if _squeeze_1x1(tuple(layer.shape)) != _squeeze_1x1(site.shape):
+        raise _mismatch(file, layer, site, "LoRA layer shape")
+    out, inp = site.shape[:2]
+    kernel = site.shape[2:]
+    lr = low_rank(layer, strength)
+    if lr is not None:
+        down, up, mid = lr.down.float(), lr.up.float(), lr.mid
+        r = down.shape[0]
+        inner = r if mid is None else mid.shape[0]
+        if up.shape[0] != out or up.numel() != out * inner or (mid is not None and mid.shape[1] != r):
+            raise _mismatch(file, layer, site, "LoRA factors of layer shape")
+        if mid is None:
+            if down.numel() != r * inp * math.prod(kernel):
+                raise _mismatch(file, layer, site, "LoRA down factor of layer shape")
+            if not site.conv:
+                return _LinearLowRank(down.reshape(r, inp).contiguous(), up.reshape(out, -1).contiguous())
+            assert site.geo is not None
+            return _ConvLowRank(down.reshape(r, inp, *kernel).contiguous(),
+                                up.reshape(out, -1, 1, 1).contiguous(), site.geo)
+        mid = mid.float()
+        if not site.conv or down.numel() != r * inp or tuple(mid.shape[2:]) != tuple(kernel):
+            raise _mismatch(file, layer, site, "LoRA Tucker factors of layer shape")
+        assert site.geo is not None
+        return _ConvTucker(down.reshape(r, inp, 1, 1).contiguous(), mid.contiguous(),
+                           up.reshape(out, -1, 1, 1).contiguous(), site.geo)
+    w = dense_delta(layer, strength).float().reshape(site.shape).contiguous()
+    b = bias_delta(layer, strength)
+    if b is not None:
+        if b.numel() != out:
+            raise _mismatch(file, layer, site, "bias delta of layer shape")
+        b = b.float().reshape(out).contiguous()
+    if not site.conv:
+        return _LinearDense(w, b)
+    assert site.geo is not None
+    return _ConvDense(w, b, site.geo)
+
+
+class _LayerHook:
+    """The forward hook of one layer key. ``active`` is the delta for the current τ (or None)."""
+
+    __slots__ = ("_both", "active", "content", "key", "rows", "style")
+
+    def __init__(self, key: str, content: _Path | None, style: _Path | None, site: _Site) -> None:
+        self.key = key
+        self.content = content
+        self.style = style
+        self._both: _Path | _Sum | None = None
+        self.active: _Path | _Sum | None = None
+        # Output rows of a fused layer: Linear features are the last dim, conv channels dim -3.
+        self.rows: tuple[Any, ...] | None = None
+        if site.rows is not None:
+            self.rows = (..., site.rows, slice(None), slice(None)) if site.conv else (..., site.rows)
+
+    def select(self, choice: str) -> _Path | _Sum | None:
+        if choice == "content":
+            return self.content
+        if choice == "style":
+            return self.style
+        if choice == "both":
+            if self.content is None or self.style is None:
+                return self.content or self.style
+            if self._both is None:
+                self._both = _combine(self.content, self.style)
+            return self._both
+        if choice == "none":
+            return None
+        raise ValueError(f"{self.key}: unknown choice {choice!r}")
+
+    def clear(self) -> None:
+        for p in (self.content, self.style, self._both):
+            if p is not None:
+                p.clear()
+        self._both = None
+        self.active = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 out: torch.Tensor) -> torch.Tensor | None:
+        path = self.active
+        if path is None:
+            return None
+        x = args[0] if args else kwargs["input"]
+        if x.dtype is not out.dtype:  # e.g. under autocast: compute in the dtype the module produced
+            x = x.to(out.dtype)
+        rows = self.rows
+        if out.requires_grad:  # keep autograd's graph intact: no in-place change of the output
+            if rows is None:
+                return out + path(x)
+            out = out.clone()
+            out[rows] += path(x)
+            return out
+        if rows is None:
+            path.add_into(x, out)
+        else:
+            out[rows].add_(path(x))
+        return None  # changed in place
+
+
+# --------------------------------------------------------------------------------------------------
+# Attaching
+
+
+class Hooks:
+    """Attached hooks of one plan. ``remove()`` detaches everything and may be called any number of
+    times; the object is also a context manager that removes on exit."""
+
+    def __init__(self, plan: Plan, clock: StepClock, layers: list[_LayerHook],
+                 keys_missing: list[str]) -> None:
+        self._plan = plan
+        self._clock = clock
+        self._layers = layers
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._live = False
+        self.keys: tuple[str, ...] = tuple(h.key for h in layers)
+        self.missing: tuple[str, ...] = tuple(keys_missing)
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are in place (False after :meth:`remove`)."""
+        return self._live
+
+    @property
+    def factor_bytes(self) -> int:
+        """Bytes of the prepared fp32 tensors (low-rank factors, dense ΔW only for kinds without)."""
+        return sum(p.nbytes for h in self._layers for p in (h.content, h.style) if p is not None)
+
+    def choices(self) -> dict[str, str]:
+        """The current choice per attached key, as the plan gives it for the clock's τ."""
+        tau = self._clock.tau
+        return {h.key: self._plan.choose(h.key, tau) for h in self._layers}
+
+    def _refresh(self, tau: float) -> None:
+        plan = self._plan
+        for h in self._layers:
+            h.active = h.select(plan.choose(h.key, tau))
+
+    def remove(self) -> None:
+        self._live = False
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        self._clock._unsubscribe(self._refresh)
+        for h in self._layers:
+            h.clear()
+
+    def __enter__(self) -> Hooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def attach(plan: Plan, content: LoraFile, style: LoraFile, targets: Mapping[str, Target],
+           clock: StepClock) -> Hooks:
+    """Prepare every planned layer that has a target and hook it. Keys without a target are listed in
+    ``Hooks.missing``. A layer that does not fit its module raises ``ShapeMismatchError`` and nothing is
+    attached."""
+    opts = plan.options
+    layers: list[_LayerHook] = []
+    modules: list[nn.Module] = []
+    missing: list[str] = []
+    for key in plan.layers:
+        target = targets.get(key)
+        if target is None:
+            missing.append(key)
+            continue
+        c, s = content.layers.get(key), style.layers.get(key)
+        if c is None and s is None:
+            raise ValueError(f"{key}: the plan names a layer that neither {content.name} "
+                             f"nor {style.name} has")
+        site = _site(key, target)
+        layers.append(_LayerHook(
+            key,
+            None if c is None else _prepare(content, c, opts.content_strength, site),
+            None if s is None else _prepare(style, s, opts.style_strength, site),
+            site,
+        ))
+        modules.append(target.module)
+    hooks = Hooks(plan, clock, layers, missing)
+    try:
+        hooks._refresh(clock.tau)
+        for module, h in zip(modules, layers, strict=True):
+            hooks._handles.append(module.register_forward_hook(h, with_kwargs=True))
+        clock._subscribe(hooks._refresh)
+        hooks._live = True
+    except BaseException:
+        hooks.remove()
+        raise
+    return hooks
+
+
+@contextmanager
+def attached(plan: Plan, content: LoraFile, style: LoraFile, targets: Mapping[str, Target],
+             clock: StepClock) -> Iterator[Hooks]:
+    """``with attached(...) as hooks:`` — the hooks are removed when the block ends, also on error."""
+    hooks = attach(plan, content, style, targets, clock)
+    try:
+        yield hooks
+    finally:
+        hooks.remove()

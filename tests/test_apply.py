@@ -1,0 +1,657 @@
+"""klora.apply: forward hooks that add the chosen delta, checked against merged weights.
+
+The oracle everywhere is a copy of the module(s), taken before any hook exists, whose weights had the
+deltas the plan chooses at that τ merged in (W + ΔW, bias + Δb), run in fp32. LoRA/LoCon/Tucker deltas of
+the oracle are rebuilt here (float64) from the factors read from the file, independently of klora.delta, so
+a wrong factor layout in the low-rank path cannot agree with itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from synth import (
+    build_unet,
+    tiny_unet_config,
+    unet_layer_shapes,
+    write_full,
+    write_kohya,
+    write_loha,
+    write_lokr,
+    write_peft,
+    write_tensors,
+)
+from torch import nn
+
+from klora.apply import ShapeMismatchError, StepClock, Target, attach, attached
+from klora.delta import bias_delta, dense_delta
+from klora.formats import LoraFile, LoraLayer, read_lora
+from klora.fusion import FusionOptions, make_plan
+from klora.keys import module_targets
+
+pytest.importorskip("diffusers")
+
+STEPS = 8
+ATOL, RTOL = 2e-5, 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Deltas the oracle merges
+
+
+def expected_delta(layer: LoraLayer, strength: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ΔW (and Δbias) the host would merge. Rebuilt here from the raw factors for LoRA kinds (in float64);
+    LoHa/LoKr/full come from klora.delta (their formulas are tested with delta.py)."""
+    if layer.kind == "lora":
+        t = {k: v.double() for k, v in layer.tensors.items()}
+        down, up = t["down"].flatten(1), t["up"].flatten(1)
+        if "mid" in t:
+            dw = torch.einsum("oa,abhw,bi->oihw", up, t["mid"], down)
+        else:
+            dw = (up @ down).reshape(layer.shape)
+        return (strength * layer.scale * dw).float(), None
+    return dense_delta(layer, strength), bias_delta(layer, strength)
+
+
+def _magnitudes(seed: int) -> Callable[[str], float]:
+    """Per-layer delta magnitudes in [0.4, 2.5), fixed by (seed, key): the layers' thresholds spread, so
+    that they flip at different steps."""
+
+    def f(key: str) -> float:
+        h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=4).digest()
+        return 0.4 + 2.1 * int.from_bytes(h, "little") / 2**32
+
+    return f
+
+
+def _combine(path: Path, parts: list[Path]) -> Path:
+    """One file holding the layers of several single-kind files (a file may mix kinds)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for p in parts:
+        tensors |= load_file(str(p))
+        p.unlink()
+    return write_tensors(path, tensors)
+
+
+def _write(tmp: Path, name: str, writer: Callable[..., Path], shapes: dict[str, tuple[int, ...]],
+           **kw) -> Path:
+    return writer(tmp / f"{name}.safetensors", shapes, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tiny UNet and LoRA pairs for it
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tensors are tiny; several torch threads only slow them down on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def unet() -> nn.Module:
+    model = build_unet(tiny_unet_config(), seed=0)
+    model.requires_grad_(False)
+    return model
+
+
+def _inputs(seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(2, 4, 16, 16, generator=gen),
+        "timestep": torch.tensor(10),
+        "encoder_hidden_states": torch.randn(2, 7, 32, generator=gen),
+    }
+
+
+BLOCK = "down_blocks_1_attentions_0_transformer_blocks_0"
+MID = "mid_block_attentions_0_transformer_blocks_0"
+UP = "up_blocks_0_attentions_1_transformer_blocks_0"
+
+# Canonical key → (content kind, style kind); None: that file does not patch the module.
+KOHYA_LAYERS: dict[str, tuple[str | None, str | None]] = {
+    f"unet/{BLOCK}_attn1_to_q": ("lora", "lora"),
+    f"unet/{BLOCK}_attn1_to_k": ("lora", "lora"),
+    f"unet/{BLOCK}_attn1_to_v": ("lora", "lora"),
+    f"unet/{BLOCK}_attn1_to_out_0": ("lora", "lora"),
+    f"unet/{BLOCK}_attn2_to_q": ("lora", "lora"),
+    f"unet/{BLOCK}_attn2_to_k": ("lora", "lora"),  # cross-attention: in = cross_attention_dim
+    f"unet/{BLOCK}_ff_net_0_proj": ("lora", "lora"),
+    f"unet/{BLOCK}_ff_net_2": ("lora", "lora"),
+    "unet/down_blocks_1_attentions_0_proj_in": ("lora", "lora"),  # 1×1 conv
+    "unet/down_blocks_1_attentions_0_proj_out": ("lora", "lora"),
+    f"unet/{MID}_attn1_to_q": ("lora", "lora"),
+    f"unet/{MID}_attn2_to_v": ("lora", None),  # only the content file
+    f"unet/{MID}_attn1_to_v": (None, "lora"),  # only the style file
+    "unet/down_blocks_0_resnets_0_conv1": ("lora", "lora"),  # 3×3 LoCon
+    "unet/down_blocks_0_downsamplers_0_conv": ("lora", "lora"),  # 3×3, stride 2
+    "unet/up_blocks_1_resnets_0_conv2": ("tucker", "lora"),  # Tucker vs plain LoCon
+    "unet/up_blocks_1_resnets_0_conv_shortcut": ("lora", "lora"),  # 1×1
+    "unet/up_blocks_0_upsamplers_0_conv": ("tucker", "tucker"),  # both Tucker
+    f"unet/{UP}_attn1_to_q": ("loha", "lora"),
+    f"unet/{UP}_attn1_to_k": ("lora", "lokr"),
+    f"unet/{UP}_attn1_to_v": ("full", "lora"),
+    "unet/up_blocks_1_resnets_1_conv1": ("lora", "full"),  # full conv with a bias diff
+    "unet/up_blocks_0_resnets_0_time_emb_proj": ("loha", "lokr"),
+}
+PEFT_LAYERS = [
+    f"unet/{BLOCK}_attn1_to_q", f"unet/{BLOCK}_attn1_to_k", f"unet/{BLOCK}_attn1_to_v",
+    f"unet/{BLOCK}_attn1_to_out_0", f"unet/{BLOCK}_attn2_to_k", f"unet/{BLOCK}_ff_net_0_proj",
+    "unet/down_blocks_1_attentions_0_proj_in", "unet/down_blocks_1_attentions_0_proj_out",
+    f"unet/{MID}_attn1_to_q", f"unet/{MID}_attn1_to_out_0", "unet/down_blocks_0_resnets_1_conv2",
+]
+
+
+def write_kohya_pair(model: nn.Module, tmp: Path) -> tuple[Path, Path]:
+    """Content (rank 4, alpha 2) and style (rank 8, no alpha) files in kohya form, mixing LoRA, LoCon,
+    Tucker, LoHa, LoKr and full layers."""
+    shapes = unet_layer_shapes(model)
+    out = []
+    for side, (name, rank, alpha, seed) in enumerate((("content", 4, 2.0, 10), ("style", 8, None, 20))):
+        by_kind: dict[str, dict[str, tuple[int, ...]]] = {}
+        for key, kinds in KOHYA_LAYERS.items():
+            if kinds[side] is not None:
+                by_kind.setdefault(kinds[side], {})[key] = shapes[key]
+        mag = _magnitudes(seed)
+        parts = []
+        for kind, sub in by_kind.items():
+            part = f"{name}_{kind}"
+            if kind in ("lora", "tucker"):
+                parts.append(_write(tmp, part, write_kohya, sub, rank=rank, alpha=alpha, seed=seed,
+                                    scale_by=mag, tucker=kind == "tucker"))
+            elif kind == "loha":
+                parts.append(_write(tmp, part, write_loha, sub, rank=2, alpha=1.0, seed=seed, scale_by=mag))
+            elif kind == "lokr":
+                parts.append(_write(tmp, part, write_lokr, sub, rank=2, alpha=2.0, seed=seed, scale_by=mag))
+            else:
+                parts.append(_write(tmp, part, write_full, sub, seed=seed, bias=True,
+                                    scale_by=lambda k, mag=mag: 10 * mag(k)))
+        out.append(_combine(tmp / f"{name}.safetensors", parts))
+    return out[0], out[1]
+
+
+def write_peft_pair(model: nn.Module, tmp: Path) -> tuple[Path, Path]:
+    """diffusers/PEFT files: content rank 4 with lora_alpha 2 in the metadata, style rank 6 without
+    metadata (alpha = rank) and without the first layer."""
+    shapes = unet_layer_shapes(model)
+    c = {k: shapes[k] for k in PEFT_LAYERS}
+    s = {k: shapes[k] for k in PEFT_LAYERS[1:]}
+    return (_write(tmp, "peft_c", write_peft, c, rank=4, seed=30, metadata_alpha=2.0,
+                   scale_by=_magnitudes(30)),
+            _write(tmp, "peft_s", write_peft, s, rank=6, seed=40, scale_by=_magnitudes(40)))
+
+
+class MergedReference:
+    """A copy of a UNet, taken before any hook exists (a deep copy would copy hooks too), into whose
+    weights :meth:`at` merges the deltas the plan chooses at τ (after restoring the copy's weights)."""
+
+    def __init__(self, unet: nn.Module, plan, content: LoraFile, style: LoraFile) -> None:
+        self.model = copy.deepcopy(unet)
+        self.plan, self.content, self.style = plan, content, style
+        self.modules = module_targets(self.model, "unet", "diffusers")
+        self.saved = {k: (m.weight.clone(), None if m.bias is None else m.bias.clone())
+                      for k, m in self.modules.items() if k in plan.layers}
+
+    def at(self, tau: float) -> nn.Module:
+        opts = self.plan.options
+        with torch.no_grad():
+            for key, (w, b) in self.saved.items():
+                target = self.modules[key]
+                target.weight.copy_(w)
+                target.bias = None if b is None else nn.Parameter(b.clone(), requires_grad=False)
+                choice = self.plan.choose(key, tau)
+                for side, file, strength in (("content", self.content, opts.content_strength),
+                                             ("style", self.style, opts.style_strength)):
+                    layer = file.layers.get(key)
+                    if layer is None or choice not in (side, "both"):
+                        continue
+                    dw, db = expected_delta(layer, strength)
+                    target.weight += dw.reshape(target.weight.shape)
+                    if db is not None:
+                        _bias(target).add_(db)
+        return self.model
+
+
+def _bias(module: nn.Module) -> torch.Tensor:
+    """The module's bias; a zero one for a module without (a host merging a bias delta adds one)."""
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0]), requires_grad=False)
+    return module.bias
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert now.keys() == before.keys()
+    for name, t in now.items():
+        assert torch.equal(t, before[name]), name
+    hooked = [n for n, m in model.named_modules() if m._forward_hooks]
+    assert not hooked, hooked
+
+
+# ----------------------------------------------------------------------------------------------------
+# The UNet: every step of a run equals the merged copy
+
+
+@pytest.mark.parametrize("form", ["kohya", "peft"])
+@pytest.mark.parametrize("pattern", ["s", "s*"])
+def test_unet_hooks_equal_merged_weights_at_every_step(unet, tmp_path, form, pattern):
+    writer = write_kohya_pair if form == "kohya" else write_peft_pair
+    content, style = (read_lora(p) for p in writer(unet, tmp_path))
+    plan = make_plan(content, style, FusionOptions(pattern=pattern, content_strength=0.8, style_strength=1.3))
+    modules = module_targets(unet, "unet", "diffusers")
+    assert set(content.layers) | set(style.layers) <= set(modules)
+    if form == "kohya":
+        kinds = {layer.kind for f in (content, style) for layer in f.layers.values()}
+        assert kinds == {"lora", "loha", "lokr", "full"}
+        assert any("mid" in layer.tensors for layer in content.layers.values())
+    targets = {k: Target(m) for k, m in modules.items()}
+    before = _snapshot(unet)
+    reference = MergedReference(unet, plan, content, style)
+    inputs = _inputs()
+    with torch.no_grad():
+        plain = unet(**inputs).sample
+
+    clock = StepClock()
+    seen: dict[str, set[str]] = {}
+    with torch.no_grad(), attached(plan, content, style, targets, clock) as hooks:
+        assert set(hooks.keys) == set(plan.layers) and hooks.missing == ()
+        for step in range(STEPS):
+            clock.set_step(step, STEPS)
+            assert clock.tau == step / STEPS
+            got = unet(**inputs).sample
+            want = reference.at(clock.tau)(**inputs).sample
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+            assert (got - plain).abs().max() > 1000 * ATOL  # the deltas are far above the tolerance
+            for key in plan.layers:
+                seen.setdefault(key, set()).add(plan.choose(key, clock.tau))
+    # The run really exercised both sides, and layers that change their choice mid-run.
+    shared = [k for k in plan.layers if k in content.layers and k in style.layers]
+    assert sum(seen[k] == {"content", "style"} for k in shared) >= 2
+    assert {c for k in shared for c in seen[k]} == {"content", "style"}
+    _assert_untouched(unet, before)
+
+
+def test_unet_detaches_when_the_forward_raises(unet, tmp_path):
+    content, style = (read_lora(p) for p in write_kohya_pair(unet, tmp_path))
+    plan = make_plan(content, style, FusionOptions())
+    targets = {k: Target(m) for k, m in module_targets(unet, "unet", "diffusers").items()}
+    before = _snapshot(unet)
+    clock = StepClock()
+    bad = _inputs()
+    bad["encoder_hidden_states"] = torch.randn(2, 7, 5)  # wrong width: fails in attn2, after hooked layers
+    calls = []
+    probe = unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+    handle = probe.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with (pytest.raises(RuntimeError), torch.no_grad(),
+              attached(plan, content, style, targets, clock) as hooks):
+            assert hooks.attached
+            clock.set_step(3, STEPS)
+            unet(**bad)
+    finally:
+        handle.remove()
+    assert calls, "the forward ran into hooked layers before it failed"
+    assert not hooks.attached
+    assert clock._listeners == []
+    _assert_untouched(unet, before)
+    hooks.remove()  # removing again is harmless
+
+
+def test_merge_mode_adds_both(unet, tmp_path):
+    content, style = (read_lora(p) for p in write_kohya_pair(unet, tmp_path))
+    plan = make_plan(content, style, FusionOptions(mode="merge", content_strength=0.7, style_strength=1.1))
+    targets = {k: Target(m) for k, m in module_targets(unet, "unet", "diffusers").items()}
+    reference = MergedReference(unet, plan, content, style)
+    clock = StepClock()
+    inputs = _inputs(2)
+    with torch.no_grad(), attached(plan, content, style, targets, clock):
+        for step in (0, 5):
+            clock.set_step(step, STEPS)
+            shared = [k for k in plan.layers if k in content.layers and k in style.layers]
+            assert all(plan.choose(k, clock.tau) == "both" for k in shared)
+            want = reference.at(clock.tau)(**inputs).sample
+            torch.testing.assert_close(unet(**inputs).sample, want, atol=ATOL, rtol=RTOL)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plain modules: conv geometry, fused rows, dtypes, selection and caching
+
+
+def _merged_module(module: nn.Module, plan, content: LoraFile, style: LoraFile, tau: float,
+                   pieces: dict[str, slice | None]) -> nn.Module:
+    """A copy of ``module`` with the chosen deltas of ``pieces`` (key → output rows) merged in."""
+    ref = copy.deepcopy(module)
+    opts = plan.options
+    with torch.no_grad():
+        for key, rows in pieces.items():
+            choice = plan.choose(key, tau)
+            for side, file, strength in (("content", content, opts.content_strength),
+                                         ("style", style, opts.style_strength)):
+                if key in file.layers and choice in (side, "both"):
+                    dw, db = expected_delta(file.layers[key], strength)
+                    sel = slice(None) if rows is None else rows
+                    ref.weight[sel] += dw.reshape(ref.weight[sel].shape)
+                    if db is not None:
+                        _bias(ref)[sel] += db
+    return ref
+
+
+CONVS = {
+    "unet/k3": lambda: nn.Conv2d(6, 10, 3, padding=1),
+    "unet/k3s2": lambda: nn.Conv2d(6, 10, 3, stride=2, padding=1),
+    "unet/k35_dil": lambda: nn.Conv2d(6, 10, (3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
+    "unet/k5_valid": lambda: nn.Conv2d(6, 10, 5, padding="valid"),
+    "unet/k3_same_reflect": lambda: nn.Conv2d(6, 10, 3, padding="same", padding_mode="reflect"),
+    "unet/k3_circular_s2": lambda: nn.Conv2d(6, 10, 3, stride=2, padding=1, padding_mode="circular"),
+    "unet/k1": lambda: nn.Conv2d(6, 10, 1),
+}
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_conv_geometries_equal_merged(tmp_path, tucker):
+    torch.manual_seed(3)
+    mods = {key: make() for key, make in CONVS.items()}
+    shapes = {key: tuple(m.weight.shape) for key, m in mods.items()}
+    content = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=3, alpha=1.5, seed=1, tucker=tucker,
+                               scale_by=_magnitudes(1)))
+    style = read_lora(_write(tmp_path, "s", write_kohya, shapes, rank=5, seed=2, scale_by=_magnitudes(2)))
+    assert tucker == ("mid" in content.layers["unet/k3"].tensors)
+    plan = make_plan(content, style, FusionOptions(content_strength=1.2))
+    refs = {key: copy.deepcopy(m) for key, m in mods.items()}
+    clock = StepClock()
+    x = torch.randn(2, 6, 13, 11, generator=torch.Generator().manual_seed(5))
+    seen = set()
+    with torch.no_grad(), attached(plan, content, style, {k: Target(m) for k, m in mods.items()}, clock):
+        for step in range(STEPS):
+            clock.set_step(step, STEPS)
+            for key, m in mods.items():
+                seen.add(plan.choose(key, clock.tau))
+                want = _merged_module(refs[key], plan, content, style, clock.tau, {key: None})(x)
+                torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+                assert (want - refs[key](x)).abs().max() > 0.1
+    assert seen == {"content", "style"}
+
+
+def test_fused_row_slices_equal_merging_split_deltas(tmp_path):
+    """q/k/v LoRAs on a fused qkv Linear, and two halves of a fused conv, each added to its own rows."""
+    torch.manual_seed(4)
+    fused, fused_conv = nn.Linear(16, 3 * 12), nn.Conv2d(4, 2 * 6, 3, padding=1)
+    parts = {"unet/blk_attn_to_q": slice(0, 12), "unet/blk_attn_to_k": slice(12, 24),
+             "unet/blk_attn_to_v": slice(24, 36)}
+    cparts = {"unet/blk_conv_a": slice(0, 6), "unet/blk_conv_b": slice(6, None)}
+    shapes = {k: (12, 16) for k in parts} | {k: (6, 4, 3, 3) for k in cparts}
+    content = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=2, alpha=1.0, seed=1,
+                               scale_by=_magnitudes(1)))
+    style = read_lora(_write(tmp_path, "s", write_kohya, shapes, rank=4, seed=2, scale_by=_magnitudes(2)))
+    plan = make_plan(content, style, FusionOptions(style_strength=0.9))
+    targets = {k: Target(fused, rows) for k, rows in parts.items()}
+    targets |= {k: Target(fused_conv, rows) for k, rows in cparts.items()}
+    ref0, refc0 = copy.deepcopy(fused), copy.deepcopy(fused_conv)
+    gen = torch.Generator().manual_seed(6)
+    x, xc = torch.randn(3, 5, 16, generator=gen), torch.randn(2, 4, 7, 7, generator=gen)
+    clock = StepClock()
+    seen = set()
+    with torch.no_grad(), attached(plan, content, style, targets, clock) as hooks:
+        assert len(fused._forward_hooks) == 3 and len(fused_conv._forward_hooks) == 2
+        for step in range(STEPS):
+            clock.set_step(step, STEPS)
+            seen |= set(hooks.choices().values())
+            want = _merged_module(ref0, plan, content, style, clock.tau, parts)(x)
+            torch.testing.assert_close(fused(x), want, atol=1e-5, rtol=1e-5)
+            want = _merged_module(refc0, plan, content, style, clock.tau, {k: cparts[k] for k in cparts})(xc)
+            torch.testing.assert_close(fused_conv(xc), want, atol=1e-5, rtol=1e-5)
+    assert seen == {"content", "style"}
+    assert not fused._forward_hooks and not fused_conv._forward_hooks
+
+
+def test_fused_rows_under_autograd_keep_the_graph(tmp_path):
+    fused = nn.Linear(8, 12)
+    lora = read_lora(_write(tmp_path, "c", write_kohya, {"unet/qkv_q": (4, 8)}, rank=2, seed=7))
+    plan = make_plan(lora, lora, FusionOptions())  # the same file twice: one delta, whichever side
+    x = torch.randn(2, 8, requires_grad=True)
+    with attached(plan, lora, lora, {"unet/qkv_q": Target(fused, slice(0, 4))}, StepClock()):
+        fused(x).sum().backward()
+    want = fused.weight.detach().clone()
+    want[:4] += expected_delta(lora.layers["unet/qkv_q"], 1.0)[0]
+    torch.testing.assert_close(x.grad, want.sum(0).expand(2, 8), atol=1e-5, rtol=1e-5)
+    assert fused.weight.grad is not None  # the module's own graph is intact
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_linear_runs_in_the_input_dtype(tmp_path, dtype):
+    torch.manual_seed(8)
+    lin32 = nn.Linear(64, 48)
+    shapes = {"unet/lin": (48, 64)}
+    c = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=8, alpha=4.0, seed=1, scale_by=3.0))
+    s = read_lora(_write(tmp_path, "s", write_kohya, shapes, rank=4, seed=2, scale_by=2.0))
+    plan = make_plan(c, s, FusionOptions())
+    lin = copy.deepcopy(lin32).to(dtype)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(8))
+    clock = StepClock()
+    with torch.no_grad(), attached(plan, c, s, {"unet/lin": Target(lin)}, clock):
+        for tau in (0.0, 0.99):
+            clock.tau = tau
+            got = lin(x.to(dtype))
+            assert got.dtype == dtype
+            want = _merged_module(lin32, plan, c, s, tau, {"unet/lin": None})(x)
+            assert (want - lin32(x)).abs().max() > 0.5  # the delta matters at this precision
+            torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+
+
+class _StridedLinear(nn.Linear):
+    """A Linear whose output is a non-contiguous view (as some hosts' patched layers return)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def test_non_contiguous_output(tmp_path):
+    torch.manual_seed(10)
+    lin = _StridedLinear(12, 20)
+    shapes = {"unet/lin": (20, 12)}
+    c = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=3, seed=1, scale_by=2.0))
+    plan = make_plan(c, c, FusionOptions())
+    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        assert not lin(x).is_contiguous()
+        ref = nn.Linear(12, 20)
+        ref.load_state_dict(lin.state_dict())
+        want = _merged_module(ref, plan, c, c, 0.0, {"unet/lin": None})(x)
+        assert (want - ref(x)).abs().max() > 0.1
+        with attached(plan, c, c, {"unet/lin": Target(lin)}, StepClock()):
+            torch.testing.assert_close(lin(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_factors_move_once_per_device_and_dtype(tmp_path, monkeypatch):
+    lin = nn.Linear(32, 32).half()
+    shapes = {"unet/lin": (32, 32)}
+    c = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=4, seed=1))
+    s = read_lora(_write(tmp_path, "s", write_full, shapes, seed=2, bias=True))
+    plan = make_plan(c, s, FusionOptions(mode="merge"))  # both: the low-rank and the dense path
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(9)).half()
+    calls = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        calls.append(1)
+        return real_to(self, *args, **kwargs)
+
+    with torch.no_grad(), attached(plan, c, s, {"unet/lin": Target(lin)}, StepClock()) as hooks:
+        assert plan.choose("unet/lin", 0.0) == "both"
+        monkeypatch.setattr(torch.Tensor, "to", counting_to)
+        lin(x)
+        first = len(calls)
+        for _ in range(3):
+            lin(x)
+        monkeypatch.undo()
+        assert first > 0 and len(calls) == first  # moved on the first call only
+        # No dense ΔW kept for the low-rank kind; the full kind has its dense diff and bias.
+        t = c.layers["unet/lin"].tensors
+        assert hooks.factor_bytes == 4 * (t["down"].numel() + t["up"].numel() + 32 * 32 + 32)
+
+
+def test_choices_are_computed_once_per_tau_change(unet, tmp_path):
+    content, style = (read_lora(p) for p in write_kohya_pair(unet, tmp_path))
+    real = make_plan(content, style, FusionOptions())
+
+    class CountingPlan:
+        """Delegates to the real plan and counts choose() calls."""
+
+        layers, options, calls = real.layers, real.options, 0
+
+        def choose(self, key, tau):
+            CountingPlan.calls += 1
+            return real.choose(key, tau)
+
+    targets = {k: Target(m) for k, m in module_targets(unet, "unet", "diffusers").items()}
+    clock = StepClock()
+    n = len(real.layers)
+    with torch.no_grad(), attached(CountingPlan(), content, style, targets, clock):
+        assert CountingPlan.calls == n
+        unet(**_inputs())
+        unet(**_inputs())
+        assert CountingPlan.calls == n
+        clock.set_step(1, 10)
+        assert CountingPlan.calls == 2 * n
+        clock.set_step(1, 10)  # the same τ: nothing to do
+        clock.tau = 0.1
+        unet(**_inputs())
+        assert CountingPlan.calls == 2 * n
+    clock.set_step(5, 10)  # detached: the clock no longer drives these hooks
+    assert CountingPlan.calls == 2 * n
+
+
+@pytest.mark.parametrize("te", ["none", "content", "style", "both"])
+def test_text_encoder_policy(tmp_path, te):
+    shapes = {"te1/text_model_encoder_layers_0_self_attn_q_proj": (16, 16)}
+    c = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=4, seed=1))
+    s = read_lora(_write(tmp_path, "s", write_kohya, shapes, rank=4, seed=2))
+    (key,) = c.layers
+    plan = make_plan(c, s, FusionOptions(te=te))
+    assert plan.choose(key, 0.5) == te
+    lin = nn.Linear(16, 16)
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        want = _merged_module(lin, plan, c, s, 0.5, {key: None})(x)
+        with attached(plan, c, s, {key: Target(lin)}, StepClock(0.5)):
+            got = lin(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert (te == "none") == torch.equal(got, lin(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors, clock, removal
+
+
+def test_shape_mismatch_names_key_and_shapes_and_attaches_nothing(unet, tmp_path):
+    content, style = (read_lora(p) for p in write_kohya_pair(unet, tmp_path))
+    plan = make_plan(content, style, FusionOptions())
+    modules = module_targets(unet, "unet", "diffusers")
+    key, wrong = f"unet/{BLOCK}_attn1_to_q", f"unet/{BLOCK}_attn2_to_k"  # (64, 64) vs (64, 32)
+    targets = {k: Target(m) for k, m in modules.items()}
+    targets[key] = Target(modules[wrong])
+    clock = StepClock()
+    with pytest.raises(ShapeMismatchError) as err:
+        attach(plan, content, style, targets, clock)
+    msg = str(err.value)
+    assert key in msg and "(64, 64)" in msg and "(64, 32)" in msg and "content" in msg
+    assert isinstance(err.value, ValueError)
+    assert not [n for n, m in unet.named_modules() if m._forward_hooks]
+    assert clock._listeners == []
+    # Rows that do not fit the layer's output features are a mismatch too.
+    targets[key] = Target(modules[key], slice(0, 32))
+    with pytest.raises(ShapeMismatchError, match=r"rows 0:32 of 64"):
+        attach(plan, content, style, targets, clock)
+    # A 3×3 LoCon layer on a 1×1 conv.
+    targets[key] = Target(modules[key])
+    conv_key = "unet/down_blocks_0_resnets_0_conv1"
+    targets[conv_key] = Target(modules["unet/up_blocks_1_resnets_0_conv_shortcut"])
+    with pytest.raises(ShapeMismatchError, match=conv_key):
+        attach(plan, content, style, targets, clock)
+    assert not [n for n, m in unet.named_modules() if m._forward_hooks]
+
+
+def test_unsupported_modules_are_refused(tmp_path):
+    shapes = {"unet/a": (8, 8)}
+    c = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=2, seed=1))
+    plan = make_plan(c, c, FusionOptions())
+    for module in (nn.Conv2d(8, 8, 1, groups=2), nn.Conv1d(8, 8, 1), nn.LayerNorm(8)):
+        with pytest.raises(ValueError, match="unet/a"):
+            attach(plan, c, c, {"unet/a": Target(module)}, StepClock())
+        assert not module._forward_hooks
+
+
+def test_linear_and_1x1_conv_accept_each_other(tmp_path):
+    """A 1×1-conv LoRA (proj_in of SD1.5) on a Linear (SDXL-style proj_in) and the other way round."""
+    gen = torch.Generator().manual_seed(14)
+    conv_shaped = read_lora(_write(tmp_path, "c", write_kohya, {"unet/p": (10, 6, 1, 1)}, rank=3, seed=1))
+    lin_shaped = read_lora(_write(tmp_path, "l", write_kohya, {"unet/p": (10, 6)}, rank=3, seed=2))
+    lin, conv = nn.Linear(6, 10), nn.Conv2d(6, 10, 1)
+    x, xc = torch.randn(4, 6, generator=gen), torch.randn(1, 6, 3, 3, generator=gen)
+    for f in (conv_shaped, lin_shaped):
+        plan = make_plan(f, f, FusionOptions())
+        dw = expected_delta(f.layers["unet/p"], 1.0)[0].reshape(10, 6)
+        with torch.no_grad():
+            with attached(plan, f, f, {"unet/p": Target(lin)}, StepClock()):
+                torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight + dw, lin.bias))
+            with attached(plan, f, f, {"unet/p": Target(conv)}, StepClock()):
+                want = torch.nn.functional.conv2d(xc, conv.weight + dw[..., None, None], conv.bias)
+                torch.testing.assert_close(conv(xc), want)
+
+
+def test_missing_targets_are_reported_not_fatal(tmp_path):
+    c = read_lora(_write(tmp_path, "c", write_kohya, {"unet/a": (8, 8), "unet/b": (8, 8)}, rank=2, seed=1))
+    plan = make_plan(c, c, FusionOptions())
+    with attached(plan, c, c, {"unet/a": Target(nn.Linear(8, 8))}, StepClock()) as hooks:
+        assert hooks.keys == ("unet/a",)
+        assert hooks.missing == ("unet/b",)
+
+
+def test_step_clock():
+    clock = StepClock()
+    assert clock.tau == 0.0
+    assert clock.set_step(3, 10) == 0.3
+    assert clock.set_step(2, 6, skipped=4) == pytest.approx(0.6)  # img2img: τ continues at (4+2)/10
+    assert clock.set_step(12, 10) == 1.0
+    assert clock.set_step(-1, 10) == 0.0
+    clock.tau = 0.25
+    assert clock.tau == 0.25
+    clock.tau = 7
+    assert clock.tau == 1.0
+    with pytest.raises(ValueError):
+        clock.set_step(0, 0)
+    with pytest.raises(ValueError):
+        clock.tau = float("nan")
+    assert StepClock(0.4).tau == 0.4
+
+
+def test_remove_is_idempotent_and_restores_plain_output(tmp_path):
+    c = read_lora(_write(tmp_path, "c", write_kohya, {"unet/lin": (8, 8)}, rank=2, seed=1))
+    plan = make_plan(c, c, FusionOptions())
+    lin = nn.Linear(8, 8)
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(13))
+    before = _snapshot(lin)
+    with torch.no_grad():
+        plain = lin(x)
+        hooks = attach(plan, c, c, {"unet/lin": Target(lin)}, StepClock())
+        assert not torch.allclose(lin(x), plain)
+        hooks.remove()
+        hooks.remove()
+        with hooks:
+            pass
+        hooks.remove()
+        assert torch.equal(lin(x), plain)
+    _assert_untouched(lin, before)
