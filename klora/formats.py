@@ -545,6 +545,11 @@ def read_lora(path: str | Path) -> LoraFile:
     except OSError as e:
         raise LoraFormatError(ps, f"cannot read the file: {e.strerror or e}") from None
     header, metadata, data_start = _parse_header(ps, data)
+    from . import flux  # flux builds on this module's types, so it is imported here, not at the top
+
+    shapes = {k: v["shape"] for k, v in header.items() if not k.startswith(_IGNORED_PREFIXES)}
+    if flux.looks_like_flux(shapes):
+        return _read_flux(ps, p, data, data_start, header, metadata)
 
     # 1. Classify every tensor name before loading any data.
     groups: dict[str, dict] = {}
@@ -628,3 +633,21 @@ def read_lora(path: str | Path) -> LoraFile:
             layers[ckey] = layer
     ordered = {k: layers[k] for k in sorted(layers, key=_keys.layer_order)}
     return LoraFile(path=ps, name=p.stem, sha256=sha256, layers=ordered, metadata=metadata)
+
+
+def _read_flux(ps: str, p: Path, data: bytearray, data_start: int, header: dict[str, dict],
+               metadata: dict[str, str]) -> LoraFile:
+    """A Flux LoRA (BFL, kohya, diffusers/PEFT or XLabs spelling): its keys are read by :mod:`klora.flux`."""
+    from . import flux
+
+    _check_finite(ps, data, data_start, header)
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        with safe_open(ps, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in header if not k.startswith(_IGNORED_PREFIXES)}
+    except Exception as e:  # the safetensors library's own error type varies across versions
+        raise LoraFormatError(ps, f"corrupt safetensors file: {e}") from None
+    layers = flux.read_flux_layers(tensors, metadata, ps)
+    if not layers:
+        raise LoraFormatError(ps, "no LoRA layers found in this Flux file")
+    return LoraFile(path=ps, name=p.stem, sha256=sha256, layers=layers, metadata=metadata)
