@@ -1,0 +1,95 @@
+"""Which webui runs us: AUTOMATIC1111, Forge (the ``backend/`` architecture with Flux), or a Forge fork
+we do not support. Detected once, by feature, never by folder names or version strings alone.
+
+Forge main (≥ 2.0, and the "neo" fork) ships the top-level packages ``modules_forge`` and ``backend`` with
+``backend/patcher/lora.py``; the older ldm_patched family (Forge 1.x, reForge, Forge Classic) ships
+``ldm_patched`` and no ``backend``; AUTOMATIC1111 has neither. Only ``importlib.util.find_spec`` is used, so
+detection imports nothing beyond the parent packages of what it looks for (which the host has imported
+already).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+from typing import Any, Literal
+
+HostName = Literal["a1111", "forge", "forge-ldm"]
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """``name``: a1111 | forge | forge-ldm; ``version``: the host's own version string when it has one;
+    ``supported``: whether K-LoRA has an adapter for it (forge-ldm has none)."""
+
+    name: HostName
+    version: str | None = None
+
+    @property
+    def supported(self) -> bool:
+        return self.name in ("a1111", "forge")
+
+    @property
+    def is_forge(self) -> bool:
+        return self.name in ("forge", "forge-ldm")
+
+    @property
+    def label(self) -> str:
+        names = {"a1111": "AUTOMATIC1111 webui", "forge": "Forge", "forge-ldm": "Forge (ldm_patched fork)"}
+        return names[self.name] + (f" {self.version}" if self.version else "")
+
+
+def _has(find_spec: Callable[[str], Any], name: str) -> bool:
+    try:
+        return find_spec(name) is not None
+    except (ImportError, ValueError, AttributeError):
+        # a parent that is not a package, or a module with a broken __spec__
+        return False
+
+
+def _forge_version() -> str | None:
+    try:
+        from modules_forge import forge_version  # the host's; only reached on Forge
+    except Exception:
+        return None
+    version = getattr(forge_version, "version", None)
+    return str(version) if version else None
+
+
+def detect(find_spec: Callable[[str], Any] = importlib.util.find_spec,
+           version: Callable[[], str | None] = _forge_version) -> HostInfo:
+    """Detect the host from the packages it ships (see the module docstring)."""
+    if _has(find_spec, "modules_forge") or _has(find_spec, "ldm_patched"):
+        if _has(find_spec, "backend") and _has(find_spec, "backend.patcher.lora"):
+            return HostInfo("forge", version())
+        return HostInfo("forge-ldm", version())
+    return HostInfo("a1111")
+
+
+@lru_cache(maxsize=1)
+def current() -> HostInfo:
+    """The running host, detected on first use and then fixed for the process."""
+    return detect()
+
+
+def adapter(info: HostInfo | None = None) -> ModuleType:
+    """The host adapter module: ``klora.webui.forge`` on Forge, ``klora.webui.a1111`` on A1111.
+
+    Raises ``RuntimeError`` with a message fit for the user on hosts without an adapter.
+    """
+    info = info or current()
+    if info.name == "forge":
+        from klora.webui import forge
+
+        return forge
+    if info.name == "a1111":
+        from klora.webui import a1111
+
+        return a1111
+    raise RuntimeError(
+        f"K-LoRA supports AUTOMATIC1111's webui and Forge 2 (the 'backend' architecture); "
+        f"this is {info.label}, whose LoRA machinery (ldm_patched) it does not support yet."
+    )

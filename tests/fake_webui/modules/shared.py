@@ -1,0 +1,36 @@
+"""Mirror of modules/shared.py (A1111 v1.10.1): the globals the glue reads (sd_model, opts, state)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from modules import options, shared_state
+
+# modules/shared.py re-exports these from modules/options.py
+OptionInfo = options.OptionInfo
+options_section = options.options_section
+
+# modules/shared_options.py: options_templates (only the entries the glue and the samplers read)
+options_templates: dict[str, options.OptionInfo] = {
+    "img2img_fix_steps": OptionInfo(
+        False, "With img2img, do exactly the amount of steps the slider specifies."
+    ),
+    "persistent_cond_cache": OptionInfo(True, "Persistent cond cache"),
+    "refiner_switch_by_sample_steps": OptionInfo(
+        False, "Switch to refiner by sampling steps instead of sigmas"
+    ),
+    "hires_fix_refiner_pass": OptionInfo("second pass", "Hires fix: which pass to enable refiner for"),
+    "lora_in_memory_limit": OptionInfo(0, "Number of Lora networks to keep cached in memory"),
+}
+
+# modules/shared.py: opts = options.Options(options_templates, restricted_opts)
+opts = options.Options(options_templates)
+
+# modules/shared.py: state = shared_state.State()
+state = shared_state.State()
+
+# modules/shared.py: sd_model (set by sd_models.load_model; here by the tests)
+sd_model = None
+
+# modules/shared.py: cmd_opts (parsed command line); only the Lora dir is read
+cmd_opts = SimpleNamespace(lora_dir="", lyco_dir_backcompat="")
