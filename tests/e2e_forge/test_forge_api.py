@@ -1,0 +1,180 @@
+"""End-to-end checks against a running Forge (lllyasviel/stable-diffusion-webui-forge) over its HTTP API.
+
+Skipped unless ``KLORA_WEBUI_URL`` names a running webui started with ``--api`` and that webui is Forge
+(its options carry Forge's ``forge_preset``). The server needs two LoRAs that fit its loaded model: named by
+``KLORA_E2E_CONTENT`` and ``KLORA_E2E_STYLE``, or else the first two its ``/sdapi/v1/loras`` lists.
+Generations are small (64×64, 4 steps, fixed seeds) so a CPU server answers in seconds. Only the standard
+library and Pillow are used.
+
+Run: ``KLORA_WEBUI_URL=http://127.0.0.1:7860 python -m pytest tests/e2e_forge -q``
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+URL = os.environ.get("KLORA_WEBUI_URL", "").rstrip("/")
+TIMEOUT = float(os.environ.get("KLORA_E2E_TIMEOUT", "600"))
+SCRIPT = "K-LoRA"
+
+pytestmark = pytest.mark.skipif(not URL, reason="KLORA_WEBUI_URL is not set (no running webui to test)")
+
+
+def _call(method: str, path: str, payload: dict | None = None) -> tuple[int, Any]:
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(
+        URL + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as res:
+            body = res.read()
+            return res.status, json.loads(body) if body else None
+    except urllib.error.HTTPError as err:
+        body = err.read().decode(errors="replace")
+        try:
+            return err.code, json.loads(body)
+        except ValueError:
+            return err.code, body
+
+
+@pytest.fixture(scope="module")
+def server() -> dict:
+    status, options = _call("GET", "/sdapi/v1/options")
+    assert status == 200, f"cannot read the webui's options: {status} {options}"
+    if "forge_preset" not in options:
+        pytest.skip("the webui at KLORA_WEBUI_URL is not Forge")
+    status, scripts = _call("GET", "/sdapi/v1/scripts")
+    assert status == 200
+    names = [s.lower() for s in scripts.get("txt2img", [])]
+    assert SCRIPT.lower() in names, f"the K-LoRA script is not loaded: {names}"
+    content, style = os.environ.get("KLORA_E2E_CONTENT"), os.environ.get("KLORA_E2E_STYLE")
+    if not (content and style):
+        status, loras = _call("GET", "/sdapi/v1/loras")
+        assert status == 200
+        found = [item["name"] for item in loras]
+        if len(found) < 2:
+            pytest.skip("the server lists fewer than two LoRAs; set KLORA_E2E_CONTENT and KLORA_E2E_STYLE")
+        content, style = found[0], found[1]
+    return {
+        "options": options,
+        "content": content,
+        "style": style,
+        "flux": str(options.get("forge_preset", "")).lower() == "flux",
+    }
+
+
+def _payload(prompt: str = "a photo of a dog", klora: Any = None, **extra) -> dict:
+    payload = {
+        "prompt": prompt,
+        "negative_prompt": "",
+        "steps": 4,
+        "width": 64,
+        "height": 64,
+        "seed": 1234,
+        "cfg_scale": 5,
+        "sampler_name": "Euler",
+        "batch_size": 1,
+        "n_iter": 1,
+    }
+    if klora is not None:
+        payload["alwayson_scripts"] = {SCRIPT: {"args": [klora]}}
+    payload.update(extra)
+    return payload
+
+
+def _txt2img(payload: dict) -> dict:
+    status, body = _call("POST", "/sdapi/v1/txt2img", payload)
+    assert status == 200, f"txt2img failed: {status} {body}"
+    return body
+
+
+def _info(body: dict) -> dict:
+    info = body["info"]
+    return json.loads(info) if isinstance(info, str) else info
+
+
+def _klora_field(body: dict) -> str | None:
+    info = _info(body)
+    params = info.get("extra_generation_params") or {}
+    if "K-LoRA" in params:
+        return params["K-LoRA"]
+    text = " ".join(info.get("infotexts") or [])
+    return "K-LoRA" if "K-LoRA:" in text else None
+
+
+def _pixels(b64: str) -> bytes:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB").tobytes()
+
+
+def _pair(server: dict, **fields) -> dict:
+    return {"enabled": True, "content": server["content"], "style": server["style"], **fields}
+
+
+def test_klora_changes_the_image_and_writes_the_infotext(server):
+    plain = _txt2img(_payload())
+    fused = _txt2img(_payload(klora=_pair(server)))
+    assert _klora_field(plain) is None
+    field = _klora_field(fused)
+    assert field and f"content: {server['content']}" in field and f"style: {server['style']}" in field
+    assert _pixels(plain["images"][0]) != _pixels(fused["images"][0])
+    if server["flux"]:
+        assert "pattern: s*" in field and "Flux default" in field
+    # PNG Info reads the field back from the image
+    image = "data:image/png;base64," + fused["images"][0]
+    status, png = _call("POST", "/sdapi/v1/png-info", {"image": image})
+    assert status == 200 and "K-LoRA:" in png["info"]
+
+
+def test_the_tag_works_without_the_panel(server):
+    tag = f"<klora:{server['content']}:{server['style']}:mode=merge>"
+    body = _txt2img(_payload(prompt=f"a photo of a dog {tag}"))
+    field = _klora_field(body)
+    assert field and "mode: merge" in field and "source: tag" in field
+
+
+def test_hires_fix(server):
+    # Forge's API needs hr_additional_modules, or the hires pass fails before sampling
+    body = _txt2img(
+        _payload(
+            klora=_pair(server),
+            enable_hr=True,
+            hr_scale=1.5,
+            hr_upscaler="Latent",
+            denoising_strength=0.5,
+            hr_second_pass_steps=2,
+            hr_additional_modules=["Use same choices"],
+        )
+    )
+    assert _klora_field(body)
+
+
+def test_img2img(server):
+    init = _txt2img(_payload())["images"][0]
+    status, body = _call(
+        "POST", "/sdapi/v1/img2img", _payload(klora=_pair(server), init_images=[init], denoising_strength=0.6)
+    )
+    assert status == 200, body
+    assert _klora_field(body)
+
+
+def test_unknown_lora_name_makes_the_plain_image(server):
+    plain = _txt2img(_payload())
+    body = _txt2img(_payload(klora=_pair(server, content="no-such-lora-klora-e2e")))
+    assert _klora_field(body) is None
+    assert _pixels(plain["images"][0]) == _pixels(body["images"][0])
+
+
+def test_bad_arguments_are_an_http_error_with_a_message(server):
+    status, body = _call("POST", "/sdapi/v1/txt2img", _payload(klora=_pair(server, pattern="zigzag")))
+    assert 400 <= status < 500, (status, body)
+    assert "K-LoRA" in json.dumps(body)

@@ -1,0 +1,1 @@
+"""Mirror of Forge's backend package (the 2.x architecture)."""
