@@ -96,6 +96,10 @@ class StepClock:
 # Delta paths: what one LoRA layer adds to one module's output
 
 
+def _ordinary(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.is_inference() else t
+
+
 class _Path:
     """Prepared fp32 CPU tensors of one delta and their copies per (device, dtype), made on first use."""
 
@@ -114,7 +118,11 @@ class _Path:
         key = (device, dtype)
         cur = self._cache.get(key)
         if cur is None:
-            cur = tuple(None if t is None else t.to(device=device, dtype=dtype) for t in self.master)
+            # Copies made during an inference_mode call (or masters prepared under it) would be inference
+            # tensors, which a later call that records autograd cannot use: keep ordinary tensors.
+            with torch.inference_mode(False):
+                cur = tuple(None if t is None else _ordinary(t.to(device=device, dtype=dtype))
+                            for t in self.master)
             self._cache[key] = cur
         self._dev, self._dt, self._cur = device, dtype, cur
         return cur
@@ -148,7 +156,9 @@ class _LinearLowRank(_Path):
     def add_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
         down, up = self.tensors(x.device, x.dtype)
         h = F.linear(x, down)
-        if out.is_contiguous():  # the up product accumulates straight into the output: one kernel less
+        # The up product accumulates straight into the output (one kernel less), unless autocast gave h
+        # another dtype than the output's (a module that computes in float32 under the caller's autocast).
+        if out.is_contiguous() and h.dtype is out.dtype:
             out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
         else:
             out.add_(F.linear(h, up))
@@ -425,7 +435,9 @@ class _LayerHook:
         if x.dtype is not out.dtype:  # e.g. under autocast: compute in the dtype the module produced
             x = x.to(out.dtype)
         rows = self.rows
-        if out.requires_grad:  # keep autograd's graph intact: no in-place change of the output
+        # Out of place when autograd records the output (keep its graph intact) or when it is an inference
+        # tensor outside inference mode (a module that entered the mode itself), which cannot be changed.
+        if out.requires_grad or (out.is_inference() and not torch.is_inference_mode_enabled()):
             if rows is None:
                 return out + path(x)
             out = out.clone()

@@ -451,6 +451,95 @@ def test_low_precision_linear_runs_in_the_input_dtype(tmp_path, dtype):
             torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
 
 
+class _Fp32Linear(nn.Linear):
+    """A Linear that computes in float32 with autocast turned off inside, as hosts' upcast layers do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            return super().forward(x.float())
+
+
+def test_float32_output_under_autocast(tmp_path):
+    """The hook runs under the caller's autocast; a module that returns float32 there still gets the delta
+    (the low-rank products must not mix autocast's bfloat16 with the float32 output)."""
+    torch.manual_seed(14)
+    lin = _Fp32Linear(24, 16)
+    shapes = {"unet/lin": (16, 24)}
+    c = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=4, seed=1, scale_by=2.0))
+    plan = make_plan(c, c, FusionOptions())
+    x = torch.randn(3, 24, generator=torch.Generator().manual_seed(14))
+    ref = nn.Linear(24, 16)
+    ref.load_state_dict(lin.state_dict())
+    with torch.no_grad():
+        want = _merged_module(ref, plan, c, c, 0.0, {"unet/lin": None})(x)
+        assert (want - ref(x)).abs().max() > 0.1
+        with attached(plan, c, c, {"unet/lin": Target(lin)}, StepClock()), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            got = lin(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("attach_in_inference_mode", [False, True])
+def test_calls_after_inference_mode_can_record_autograd(tmp_path, attach_in_inference_mode):
+    """Factor copies made during an inference_mode call (or factors prepared under it) are reused by
+    later calls; a later call that records autograd must still work."""
+    torch.manual_seed(15)
+    shapes = {"unet/lin": (12, 8)}
+    c = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=2, seed=1, scale_by=2.0))
+    s = read_lora(_write(tmp_path, "s", write_kohya, shapes, rank=3, seed=2))
+    plan = make_plan(c, s, FusionOptions(mode="merge"))
+    for dtype in (torch.float32, torch.float64):  # float64: copies made on first use
+        lin = nn.Linear(8, 12).to(dtype)
+        ref = copy.deepcopy(lin)
+        with torch.no_grad():
+            ref.weight += (expected_delta(c.layers["unet/lin"], 1.0)[0]
+                           + expected_delta(s.layers["unet/lin"], 1.0)[0]).to(dtype)
+        clock = StepClock()
+        if attach_in_inference_mode:
+            with torch.inference_mode():
+                hooks = attach(plan, c, s, {"unet/lin": Target(lin)}, clock)
+        else:
+            hooks = attach(plan, c, s, {"unet/lin": Target(lin)}, clock)
+        with hooks:
+            with torch.inference_mode():
+                lin(torch.randn(2, 8, dtype=dtype))
+            x = torch.randn(2, 8, dtype=dtype, requires_grad=True)
+            y = lin(x)
+            y.sum().backward()
+        x2 = x.detach().clone().requires_grad_(True)
+        ref(x2).sum().backward()
+        torch.testing.assert_close(y, ref(x.detach()), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+
+
+class _InferenceLinear(nn.Linear):
+    """A Linear whose forward runs in inference mode itself: its output is an inference tensor, which the
+    hook (running after the forward, outside that mode) must not change in place."""
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("rows", [None, slice(2, 10)])
+def test_inference_tensor_output_outside_inference_mode(tmp_path, rows):
+    torch.manual_seed(16)
+    lin = _InferenceLinear(6, 12)
+    key = "unet/lin"
+    c = read_lora(_write(tmp_path, "c", write_kohya, {key: (8 if rows else 12, 6)}, rank=2, seed=1,
+                         scale_by=2.0))
+    plan = make_plan(c, c, FusionOptions())
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(16))
+    ref = nn.Linear(6, 12)
+    ref.load_state_dict(lin.state_dict())
+    with torch.no_grad():
+        want = _merged_module(ref, plan, c, c, 0.0, {key: rows})(x)
+        with attached(plan, c, c, {key: Target(lin, rows)}, StepClock()):
+            got = lin(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 class _StridedLinear(nn.Linear):
     """A Linear whose output is a non-contiguous view (as some hosts' patched layers return)."""
 
