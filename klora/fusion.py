@@ -397,6 +397,12 @@ def _scored_keys(content: LoraFile, style: LoraFile, scope: Scope) -> list[str]:
             if key in style.layers and not is_text_encoder(key) and (scope == "all" or is_attention(key))]
 
 
+def _layout(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A 1×1 conv's (out, in, 1, 1) is the (out, in) some kinds store (LoHa/LoKr on SD1.5's 1×1 proj_in)."""
+    shape = tuple(shape)
+    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
+
+
 def pair_scores(content: LoraFile, style: LoraFile, content_strength: float = 1.0,
                 style_strength: float = 1.0, scope: Scope = "all") -> PairScores:
     """Scores of the layers K-LoRA decides (both files, not a text encoder, in ``scope``); cached."""
@@ -408,7 +414,7 @@ def pair_scores(content: LoraFile, style: LoraFile, content_strength: float = 1.
     out: dict[str, LayerScore] = {}
     for key in _scored_keys(content, style, scope):
         lc, ls = content.layers[key], style.layers[key]
-        if tuple(lc.shape) != tuple(ls.shape):
+        if _layout(lc.shape) != _layout(ls.shape):
             raise ValueError(f"{key}: the content LoRA's delta has shape {tuple(lc.shape)} but the style "
                              f"LoRA's has {tuple(ls.shape)}; are they for the same base model?")
         numel = math.prod(lc.shape)
@@ -553,7 +559,8 @@ class Plan:
 
 def _uniform(seed: int, key: str, tau: float) -> float:
     """A uniform number in [0, 1) from (seed, key, τ), the same in every process."""
-    data = struct.pack("<qd", seed, float(tau) + 0.0) + key.encode()  # + 0.0: -0.0 → 0.0
+    # The seed's 64 low bits (the same bytes as "<q" for seeds in the signed range); + 0.0: -0.0 → 0.0
+    data = struct.pack("<Qd", seed % 2**64, float(tau) + 0.0) + key.encode()
     digest = hashlib.blake2b(data, digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0**64
 

@@ -389,6 +389,18 @@ def test_random_mode_is_seeded_and_one_third():
     assert p1.choose(keys[0], -0.0) == p1.choose(keys[0], 0.0)
 
 
+def test_random_mode_takes_any_integer_seed():
+    """Seeds outside the signed 64-bit range (API callers, 2**64 - 1 style sentinels) draw, not crash."""
+    c = lfile([lora(Q, (4, 4), 1, None, 1)], "rc")
+    s = lfile([lora(Q, (4, 4), 1, None, 2)], "rs")
+    for seed in (2**63, 2**64 + 12345, -(2**63) - 1):
+        row = make_plan(c, s, FusionOptions(mode="random", seed=seed)).choices(Q, 20)
+        assert len(row) == 20 and set(row) <= {"C", "S"}
+    # draws of seeds in the signed range are unchanged; only the 64 low bits count
+    assert (make_plan(c, s, FusionOptions(mode="random", seed=2**64 - 1)).choices(Q, 40)
+            == make_plan(c, s, FusionOptions(mode="random", seed=-1)).choices(Q, 40))
+
+
 def test_is_attention():
     yes = [Q, K2, OUT, "unet/mid_block_attentions_0_transformer_blocks_3_attn2_to_v",
            "transformer/transformer_blocks_0_attn_to_q", "transformer/single_transformer_blocks_3_attn_to_k"]
@@ -397,6 +409,25 @@ def test_is_attention():
           "unet/down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_1", TE]
     assert all(is_attention(k) for k in yes)
     assert not any(is_attention(k) for k in no)
+
+
+def test_linear_layout_and_1x1_conv_layout_pair():
+    """SD1.5's proj_in is a 1×1 conv: LoRA files give (out, in, 1, 1), LoHa/LoKr ones (out, in). Both are
+    the same delta layout (the hooks accept either); the pair is scored, not refused."""
+    key = "unet/down_blocks_1_attentions_0_proj_in"
+    g = torch.Generator().manual_seed(21)
+    hada = {n: torch.randn(*size, generator=g) for n, size in
+            (("w1a", (24, 2)), ("w1b", (2, 20)), ("w2a", (24, 2)), ("w2b", (2, 20)))}
+    loha = LoraLayer(key, key, "loha", hada, 1.0, 2, (24, 20))
+    conv = lora(key, (24, 20, 1, 1), 4, 2.0, 22)
+    for lc, ls in ((loha, conv), (conv, loha)):
+        got = pair_scores(lfile([lc]), lfile([ls])).layers[key]
+        k, sc, s_s, l1c, l1s = naive(lc, ls)
+        assert (got.k, got.score_content, got.score_style) == (k, sc, s_s)
+        assert got.l1_content == pytest.approx(l1c, rel=1e-6, abs=0)
+        assert got.l1_style == pytest.approx(l1s, rel=1e-6, abs=0)
+    with pytest.raises(ValueError, match="same base model"):  # a real 3×3 kernel is not a Linear
+        pair_scores(lfile([lora(CONV, (8, 4, 3, 3), 2)]), lfile([lora(CONV, (8, 36), 2)]))
 
 
 def test_shape_mismatch_and_bad_options():
