@@ -357,6 +357,7 @@ class _PeftConfig:
     """Alpha from diffusers' ``lora_adapter_metadata`` JSON (PEFT LoraConfig.to_dict, optionally prefixed)."""
 
     def __init__(self, metadata: dict[str, str], path: str) -> None:
+        self.path = path
         self.data: dict = {}
         raw = metadata.get("lora_adapter_metadata")
         if raw:
@@ -381,12 +382,23 @@ class _PeftConfig:
         if isinstance(pattern, dict):
             for pat, value in pattern.items():
                 # PEFT matches a pattern against the end of the module name, at a '.' boundary.
-                if re.match(rf"(.*\.)?(?:{pat})$", module):
+                try:
+                    hit = re.match(rf"(.*\.)?(?:{pat})$", module)
+                except re.error as e:
+                    raise LoraFormatError(self.path, f"lora_adapter_metadata: alpha_pattern {pat!r} is not "
+                                                     f"a valid pattern ({e})") from None
+                if hit:
                     alpha = value
                     break
         if alpha is None:
             return None
-        alpha = float(alpha)
+        try:
+            alpha = float(alpha)
+        except (TypeError, ValueError):
+            alpha = math.nan
+        if not math.isfinite(alpha):
+            raise LoraFormatError(self.path, f"lora_adapter_metadata: the LoRA alpha of {module} is not a "
+                                             f"finite number")
         if self._get(prefix, "use_rslora"):
             alpha *= math.sqrt(rank)  # PEFT rsLoRA: scale = lora_alpha / sqrt(r)
         return alpha

@@ -226,6 +226,19 @@ def test_peft_metadata_number_unprefixed_and_rslora(tmp_path: Path) -> None:
     assert all(math.isclose(v.scale, 8 / math.sqrt(4)) for v in lf.layers.values())
 
 
+@pytest.mark.parametrize("meta", [
+    {"unet.lora_alpha": "eight"},
+    {"unet.lora_alpha": {"value": 8}},
+    {"unet.lora_alpha": 8, "unet.alpha_pattern": {"attn2.to_(k": 4}},  # not a regular expression
+    {"unet.lora_alpha": 8, "unet.alpha_pattern": {"attn2.to_k": [4]}},
+    {"unet.lora_alpha": float("nan")},
+])
+def test_peft_metadata_bad_values_are_clear_errors(tmp_path: Path, meta: dict) -> None:
+    shapes = dict(list(SD_MIX.items())[:3])
+    e = _err(write_peft(tmp_path / "m.safetensors", shapes, rank=4, metadata_alpha=meta))
+    assert "lora_adapter_metadata" in e.reason
+
+
 def test_peft_base_model_prefix_and_named_adapter(tmp_path: Path) -> None:
     t = {"base_model.model.down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.randn(2, 640),
          "base_model.model.down_blocks.1.attentions.0.proj_in.lora_B.weight": torch.randn(640, 2),
