@@ -832,6 +832,66 @@ def test_forge_key_map_fallback_places_what_we_do_not(fx):
     assert missing == ["unet/nothing_here"]
 
 
+class _OneBlockPerLevelUNet(nn.Module):
+    """The module layout backend/nn/unet.py::IntegratedUNet2DConditionModel.__init__ builds for
+    ``channel_mult=[1, 2]``, ``num_res_blocks=[1, 1]``, attention at both levels: input_blocks 0 conv,
+    1 (res, attention), 2 (Downsample ``op``), 3 (res, attention); output_blocks 0, 1 (+ Upsample ``conv``),
+    2, 3 (res, attention); the config's ``num_res_blocks``/``channel_mult`` kept as attributes."""
+
+    def __init__(self, lin, dim: int = 16, context_dim: int = 24, emb: int = 16) -> None:
+        from fake_forge.tiny import ResBlock, SpatialTransformer
+
+        super().__init__()
+        self.num_res_blocks = [1, 1]
+        self.channel_mult = [1, 2]
+
+        def level() -> nn.ModuleList:
+            return nn.ModuleList([ResBlock(dim, emb, lin), SpatialTransformer(dim, context_dim, lin)])
+
+        down, up = nn.Module(), nn.Module()
+        down.op = nn.Conv2d(dim, dim, 3, stride=2, padding=1)
+        up.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.input_blocks = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(4, dim, 3, padding=1)), level(), nn.ModuleList([down]), level()]
+        )
+        self.middle_block = nn.ModuleList(
+            [ResBlock(dim, emb, lin), SpatialTransformer(dim, context_dim, lin), ResBlock(dim, emb, lin)]
+        )
+        self.output_blocks = nn.ModuleList([level(), level(), level(), level()])
+        self.output_blocks[1].append(up)
+
+
+def test_unet_with_one_block_per_level_maps_by_its_own_layout(fx):
+    """Forge numbers SGM blocks from the checkpoint's config; with one block per level the two-block formula
+    would miss ``down_blocks.1`` and put ``up_blocks.1.attentions.0`` on ``output_blocks.3``."""
+    from backend.diffusion_engine.engines import StableDiffusion
+
+    unet = _OneBlockPerLevelUNet(fx.Linear)
+    engine = StableDiffusion(unet, TinyClip(fx.Linear))
+    def attn(block: nn.Module, which: str, proj: str) -> nn.Module:
+        return getattr(getattr(block[1].transformer_blocks[0], which), proj)
+
+    tb = "transformer_blocks_0"
+    ib, ob = unet.input_blocks, unet.output_blocks
+    want = {
+        f"unet/down_blocks_0_attentions_0_{tb}_attn1_to_q": attn(ib[1], "attn1", "to_q"),
+        "unet/down_blocks_0_downsamplers_0_conv": ib[2][0].op,
+        "unet/down_blocks_1_resnets_0_conv1": ib[3][0].in_layers[2],
+        f"unet/down_blocks_1_attentions_0_{tb}_attn2_to_k": attn(ib[3], "attn2", "to_k"),
+        "unet/mid_block_attentions_0_proj_in": unet.middle_block[1].proj_in,
+        f"unet/up_blocks_0_attentions_1_{tb}_attn1_to_v": attn(ob[1], "attn1", "to_v"),
+        "unet/up_blocks_0_upsamplers_0_conv": ob[1][2].conv,
+        f"unet/up_blocks_1_attentions_0_{tb}_attn1_to_q": attn(ob[2], "attn1", "to_q"),
+        f"unet/up_blocks_1_attentions_1_{tb}_attn1_to_q": attn(ob[3], "attn1", "to_q"),
+        "unet/up_blocks_1_resnets_1_conv2": ob[3][0].out_layers[3],
+    }
+    absent = [f"unet/up_blocks_1_attentions_2_{tb}_attn1_to_q", f"unet/down_blocks_1_attentions_1_{tb}_to_q"]
+    targets, missing = fx.forge.build_targets(engine, [*want, *absent])
+    assert missing == absent
+    for key, module in want.items():
+        assert targets[key].module is module, key
+
+
 def test_target_shape_counts_rows_and_squeezes_1x1(fx):
     from klora.apply import Target
 

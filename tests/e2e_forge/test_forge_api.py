@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from typing import Any
@@ -63,7 +64,10 @@ def server() -> dict:
         if len(found) < 2:
             pytest.skip("the server lists fewer than two LoRAs; set KLORA_E2E_CONTENT and KLORA_E2E_STYLE")
         content, style = found[0], found[1]
+    status, first = _call("POST", "/sdapi/v1/txt2img", _payload())  # before any K-LoRA run of this module
+    assert status == 200, f"txt2img failed: {status} {first}"
     return {
+        "plain": first["images"][0],
         "options": options,
         "content": content,
         "style": style,
@@ -106,8 +110,9 @@ def _klora_field(body: dict) -> str | None:
     params = info.get("extra_generation_params") or {}
     if "K-LoRA" in params:
         return params["K-LoRA"]
-    text = " ".join(info.get("infotexts") or [])
-    return "K-LoRA" if "K-LoRA:" in text else None
+    # a field of its own in the infotext, not the "K-LoRA: …" text quoted inside a "K-LoRA warning" field
+    text = "\n".join(info.get("infotexts") or [])
+    return "K-LoRA" if re.search(r"(?:^|\n|, )K-LoRA: ", text) else None
 
 
 def _pixels(b64: str) -> bytes:
@@ -133,6 +138,21 @@ def test_klora_changes_the_image_and_writes_the_infotext(server):
     image = "data:image/png;base64," + fused["images"][0]
     status, png = _call("POST", "/sdapi/v1/png-info", {"image": image})
     assert status == 200 and "K-LoRA:" in png["info"]
+
+
+def test_content_alone_equals_forges_own_lora(server):
+    # merge with style strength 0 applies the content LoRA alone, through our hooks on the layers we resolve;
+    # Forge's builtin <lora:…:1> merges the same file through its own key map: same layers, same image
+    # (up to rounding). A layer put on the wrong module (or left out) shows as a visible difference.
+    plain = _txt2img(_payload())
+    builtin = _txt2img(_payload(prompt=f"a photo of a dog <lora:{server['content']}:1>"))
+    ours = _txt2img(_payload(klora=_pair(server, mode="merge", style_strength=0.0)))
+    assert "mode: merge" in (_klora_field(ours) or "")
+    a, b, c = (_pixels(x["images"][0]) for x in (plain, builtin, ours))
+    by_lora = sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+    off = sum(abs(x - y) for x, y in zip(b, c, strict=True)) / len(b)
+    assert by_lora > 1.0, "the content LoRA does not change the image; pick LoRAs that do"
+    assert off < 0.05 * by_lora, (off, by_lora)
 
 
 def test_the_tag_works_without_the_panel(server):
@@ -167,10 +187,21 @@ def test_img2img(server):
     assert _klora_field(body)
 
 
-def test_unknown_lora_name_makes_the_plain_image(server):
+def test_unknown_lora_name_in_the_request_is_refused(server):
+    # API arguments naming a LoRA the webui does not list are refused (README: HTTP 422, KLoraArgsError)
+    missing = "no-such-lora-klora-e2e"
+    status, body = _call("POST", "/sdapi/v1/txt2img", _payload(klora=_pair(server, content=missing)))
+    assert status == 422, (status, body)
+    assert body["error"] == "KLoraArgsError" and missing in body["detail"] and "K-LoRA" in body["detail"]
+
+
+def test_unknown_lora_name_in_the_tag_makes_the_plain_image_with_a_warning(server):
     plain = _txt2img(_payload())
-    body = _txt2img(_payload(klora=_pair(server, content="no-such-lora-klora-e2e")))
+    missing = "no-such-lora-klora-e2e"
+    body = _txt2img(_payload(prompt=f"a photo of a dog <klora:{missing}:{server['style']}>"))
     assert _klora_field(body) is None
+    warning = (_info(body).get("extra_generation_params") or {}).get("K-LoRA warning")
+    assert warning and missing in warning, _info(body).get("extra_generation_params")
     assert _pixels(plain["images"][0]) == _pixels(body["images"][0])
 
 
@@ -178,3 +209,9 @@ def test_bad_arguments_are_an_http_error_with_a_message(server):
     status, body = _call("POST", "/sdapi/v1/txt2img", _payload(klora=_pair(server, pattern="zigzag")))
     assert 400 <= status < 500, (status, body)
     assert "K-LoRA" in json.dumps(body)
+
+
+def test_nothing_is_left_behind(server):
+    # after every run above (finished or refused), the plain image is the one made before them: no hook of
+    # ours left on Forge's modules, no weight changed
+    assert _pixels(_txt2img(_payload())["images"][0]) == _pixels(server["plain"])
