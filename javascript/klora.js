@@ -76,6 +76,17 @@
         }
     }
 
+    // The webui's hints give a dropdown's text box the title of its value ("None": "Do not do anything
+    // special"), which would hide the panel's tip while the box is hovered: the box gets the tip itself.
+    const DROPDOWNS = ["content", "style", "mode"];
+
+    function setInputTitle(element, text) {
+        const input = element && element.querySelector("input");
+        if (input && input.title !== translate(text)) {
+            input.title = translate(text);
+        }
+    }
+
     function applyTips() {
         const app = gradioApp();
         for (const tab of TABS) {
@@ -84,6 +95,7 @@
                 if (!element) continue;
                 // The accordion's title would be inherited by everything inside it: put it on the header only.
                 setTitle(key === "enable" ? element.querySelector(".label-wrap") : element, text);
+                if (DROPDOWNS.includes(key)) setInputTitle(element, text);
             }
             for (const [key, choices] of Object.entries(CHOICE_TIPS)) {
                 const element = app.getElementById(`script_${tab}_klora_${key}`);
