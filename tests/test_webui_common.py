@@ -904,6 +904,7 @@ def test_run_analyze_reports_errors_as_text():
     assert image is None and "no shared layers" in text and text.startswith("**K-LoRA analysis failed:**")
     image, text = c.run_analyze(analyze, KLoraArgs().to_ui_values(), 20)
     assert image is None and "no content LoRA and no style LoRA" in text
+    assert text.startswith("**Cannot analyze:**") and "K-LoRA:" not in text  # the prefix is said once
     image, text = c.run_analyze(analyze, KLoraArgs(False, "a_b*", "c").to_ui_values(), 0)
     assert image is None and "at least 1" in text
     image, text = c.run_analyze(lambda a, s: (_ for _ in ()).throw(RuntimeError("bad <b>x</b>")),

@@ -1032,7 +1032,8 @@ def run_analyze(analyze: Callable[[KLoraArgs, int], tuple[Any, str]], values: Se
         image, text = analyze(args, n)
         return image, text
     except KLoraArgsError as err:
-        return None, f"**Cannot analyze:** {_md_escape(str(err))}"
+        message = str(err).removeprefix("K-LoRA: ")
+        return None, f"**Cannot analyze:** {_md_escape(message)}"
     except Exception as err:  # the host's analysis failed: say why, keep the UI alive
         return None, f"**K-LoRA analysis failed:** {_md_escape(f'{type(err).__name__}: {err}')}"
 
