@@ -506,6 +506,39 @@ def test_sdxl_fused_open_clip_attention_is_exact(sdxl):
     sdxl.assert_clean()
 
 
+def test_open_clip_attention_with_forward_patched_before_import(webui, monkeypatch):
+    """A1111 loads the builtin Lora extension first; its extensions-builtin/Lora/lora_patches.py
+    (``LoraPatches.__init__``) replaces ``nn.MultiheadAttention.forward`` with
+    networks.py ``network_MultiheadAttention_forward(self, *args, **kwargs)``. The te2 hook imported after
+    that must still read open_clip's call (``sgm``'s resblocks: q, k, v positional, attn_mask by name)."""
+    original = nn.MultiheadAttention.forward
+
+    def network_MultiheadAttention_forward(self, *args, **kwargs):
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.MultiheadAttention, "forward", network_MultiheadAttention_forward)
+    spec = importlib.util.spec_from_file_location("klora_a1111_late", ROOT / "klora" / "webui" / "a1111.py")
+    late = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "klora_a1111_late", late)
+    spec.loader.exec_module(late)
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2).eval()
+    x = torch.randn(5, 3, 8)  # (L, N, D) as open_clip's text transformer calls it
+    mask = torch.full((5, 5), float("-inf")).triu(1)
+    w_in = mha.in_proj_weight.detach() + 0.1 * torch.randn(24, 8)
+    w_out = mha.out_proj.weight.detach() + 0.1 * torch.randn(8, 8)
+    with torch.no_grad():
+        got, _ = late._mha_forward(mha, (x, x, x), {"need_weights": False, "attn_mask": mask}, w_in, w_out)
+        ref = copy.deepcopy(mha)
+        ref.in_proj_weight.copy_(w_in)
+        ref.out_proj.weight.copy_(w_out)
+        expected, _ = original(ref, x, x, x, need_weights=False, attn_mask=mask)
+        plain, _ = original(mha, x, x, x, need_weights=False, attn_mask=mask)
+    torch.testing.assert_close(got, expected)
+    assert (got - plain).abs().max() > 1e-3
+
+
 def test_interrupted_generation_cleans_up(sd15):
     stopped: dict[str, Any] = {}
 
@@ -567,6 +600,49 @@ def test_failing_text_encoder_cleans_up(sd15, monkeypatch):
     sd15.assert_clean()
 
 
+
+@pytest.mark.parametrize("error", [ValueError("a layer cannot be hooked (simulated)"),
+                                   RuntimeError("out of memory (simulated)")])
+def test_attach_failure_warns_and_generates_without_klora(sd15, monkeypatch, error):
+    """An error while hooking (our code, inside the wrappers) is a warning: the image is made without
+    K-LoRA and the infotext does not claim it was applied (there is no hires pass here)."""
+
+    def failing(*a: Any, **k: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(sd15.w.a1111, "_attach_part", failing)
+    obs = Observer(sd15)
+    p = sd15.txt2img(panel=sd15.panel(enabled=True, content="dog", style="watercolor"))
+    processed = sd15.generate(p)
+    obs.remove()
+    assert len(processed.images) == 1
+    warning = p.extra_generation_params["K-LoRA warning"]
+    assert str(error) in warning and warning.endswith("The image was made without K-LoRA."), warning
+    assert "hires" not in warning
+    assert "K-LoRA" not in p.extra_generation_params and "K-LoRA hashes" not in p.extra_generation_params
+    assert all(c["klora_hooks"] == 0 for c in obs.calls) and obs.calls
+    sd15.assert_clean()
+
+
+
+def test_unexpected_error_while_preparing_warns(sd15, monkeypatch):
+    """An unforeseen error in our own preparation (here: a model layout the mapping does not expect) is a
+    visible warning, not only a traceback in the console that the webui's ScriptRunner logs."""
+
+    def broken(model: Any) -> Any:
+        raise AttributeError("'Model' object has no attribute 'diffusion_model' (simulated)")
+
+    monkeypatch.setattr(sd15.w.a1111, "model_targets", broken)
+    p = sd15.txt2img(panel=sd15.panel(enabled=True, content="dog", style="watercolor"))
+    processed = sd15.generate(p)
+    assert len(processed.images) == 1
+    assert not sd15.w.errors.reported, sd15.w.errors.reported
+    warning = p.extra_generation_params["K-LoRA warning"]
+    assert "diffusion_model" in warning and warning.endswith("The image was made without K-LoRA."), warning
+    assert "K-LoRA" not in p.extra_generation_params
+    sd15.assert_clean()
+
+
 def test_batch_count_reapplies_per_batch_and_cleans_between(sd15):
     between: list[int] = []
 
@@ -589,6 +665,28 @@ def test_batch_count_reapplies_per_batch_and_cleans_between(sd15):
     plan = expected_plan(sd15)
     check_calls(sd15, obs, plan, [i / 6 for i in range(6)] * 3)
     assert between == [0] * 6  # nothing attached between batches (ADetailer & co. run there)
+    sd15.assert_clean()
+
+
+
+def test_a_failed_batch_warning_does_not_reach_the_next_batch(sd15):
+    """Batches with their own prompts (modules/processing.py setup_prompts: a list prompt, as the prompt
+    matrix and prompts-from-file scripts make): batch 1 has a bad tag, batch 2 a good one. The warning
+    "made without K-LoRA" belongs to batch 1's images only."""
+    p = sd15.txt2img(steps=4, n_iter=2)
+    prompts = ["a <klora:dog:nobody>", "a <klora:dog:watercolor>"]
+
+    def setup_prompts() -> None:  # the isinstance(self.prompt, list) branch of the real setup_prompts
+        p.all_prompts = prompts
+        p.all_negative_prompts = [p.negative_prompt] * len(prompts)
+        p.main_prompt, p.main_negative_prompt = prompts[0], p.negative_prompt
+
+    p.setup_prompts = setup_prompts
+    processed = sd15.generate(p)
+    first, second = processed.infotexts[:2]
+    assert "K-LoRA warning:" in first and "no LoRA named 'nobody'" in first, first
+    assert "K-LoRA:" in second and "content: dog" in second, second
+    assert "K-LoRA warning" not in second, second
     sd15.assert_clean()
 
 
@@ -667,6 +765,39 @@ def test_refiner_switch_detaches_for_the_rest_of_the_pass(sdxl):
     sdxl.assert_clean()
 
 
+
+def test_refiner_loaded_into_the_same_model_object_detaches(sdxl, monkeypatch):
+    """modules/sd_models.py reload_model_weights: with the default sd_checkpoints_limit = 1, a refiner of the
+    base's architecture is loaded in place (load_model_weights into the same object; only its
+    sd_checkpoint_info changes), so the switch cannot be seen by comparing model objects."""
+    w = sdxl.w
+    states = {m.sd_checkpoint_info.title: {k: v.clone() for k, v in m.state_dict().items()}
+              for m in (sdxl.model, sdxl.refiner)}
+    infos = {m.sd_checkpoint_info.title: m.sd_checkpoint_info for m in (sdxl.model, sdxl.refiner)}
+
+    def reload_in_place(sd_model=None, info=None, forced_reload=False):
+        info = info or w.sd_models.select_checkpoint()
+        model = w.shared.sd_model
+        if model.sd_checkpoint_info is not info:
+            with torch.no_grad():
+                model.load_state_dict(states[info.title])
+            model.sd_checkpoint_info = info
+        return model
+
+    monkeypatch.setattr(w.sd_models, "reload_model_weights", reload_in_place)
+    obs = Observer(sdxl)
+    p = sdxl.txt2img(steps=6, refiner_checkpoint="refiner.safetensors", refiner_switch_at=0.5,
+                     panel=sdxl.panel(enabled=True, content="dog", style="watercolor"))
+    sdxl.generate(p)
+    obs.remove()
+    assert [c["model"] is sdxl.model for c in obs.calls] == [True] * 6  # one object throughout
+    assert [c["klora_hooks"] > 0 for c in obs.calls] == [True] * 3 + [False] * 3
+    info = p.extra_generation_params["K-LoRA"]
+    assert "refiner" in info and "content: dog" in info
+    reload_in_place(info=infos["base.safetensors"])  # the next generation's first reload
+    sdxl.assert_clean()
+
+
 def test_tag_wins_over_panel(sd15):
     obs = Observer(sd15)
     p = sd15.txt2img(prompt="a cat <klora:cat:ink:beta=0.8>",
@@ -689,6 +820,22 @@ def test_hires_prompt_with_its_own_tag(sd15):
     obs.remove()
     assert [c["klora_hooks"] > 0 for c in obs.calls] == [False] * 6 + [True] * 4
     assert "content: dog" in p.extra_generation_params["K-LoRA"]
+    sd15.assert_clean()
+
+
+
+def test_hires_prompt_with_a_bad_tag_keeps_the_first_pass_field(sd15):
+    """K-LoRA applied in the first pass, a bad tag in the hires prompt: the field stays (the first pass used
+    it) with a note, and the warning names the hires pass."""
+    obs = Observer(sd15)
+    p = sd15.txt2img(prompt="a <klora:dog:watercolor>", steps=6, enable_hr=True, hr_second_pass_steps=4,
+                     denoising_strength=0.5, hr_prompt="a <klora:dog:nobody>")
+    sd15.generate(p)
+    obs.remove()
+    assert [c["klora_hooks"] > 0 for c in obs.calls] == [True] * 6 + [False] * 4
+    info = p.extra_generation_params["K-LoRA"]
+    assert "content: dog" in info and "not applied in the hires pass" in info, info
+    assert p.extra_generation_params["K-LoRA warning"].endswith("The hires pass was made without K-LoRA.")
     sd15.assert_clean()
 
 

@@ -32,7 +32,6 @@ no weight, and only costs a second attention per text-encoder layer when a promp
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import re
@@ -357,15 +356,21 @@ class _MhaHook:
         return _mha_forward(module, args, kwargs, new_in, new_out)
 
 
-_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+def _mha_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                   attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                   is_causal: bool = False) -> dict[str, Any]:
+    """The call's arguments by name, with torch's defaults. Spelled out rather than read from
+    ``nn.MultiheadAttention.forward``: the builtin Lora extension replaces that method with a
+    ``(self, *args, **kwargs)`` wrapper before this module is imported
+    (extensions-builtin/Lora/lora_patches.py, ``LoraPatches.__init__``)."""
+    return dict(locals())
 
 
 def _mha_forward(m: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any],
                  in_proj_weight: torch.Tensor, out_proj_weight: torch.Tensor) -> tuple[Any, Any]:
     """``nn.MultiheadAttention.forward`` (the general path) with the given projection weights."""
-    bound = _MHA_SIGNATURE.bind(m, *args, **kwargs)
-    bound.apply_defaults()
-    a = bound.arguments
+    a = _mha_arguments(*args, **kwargs)
     query, key, value = a["query"], a["key"], a["value"]
     batched = query.dim() == 3
     if m.batch_first and batched:
@@ -441,6 +446,8 @@ class _Setup:
     targets: ModelTargets
     te_keys: list[str]
     unet_keys: list[str]
+    checkpoint: Any = None  # the model's sd_checkpoint_info when the setup was made
+    warnings: list[str] = field(default_factory=list)  # what preparing it warned (said again per batch)
 
 
 _attached: set[_Run] = set()  # runs with hooks on some module (strong refs: the hooks must stay findable)
@@ -473,9 +480,11 @@ class _Run:
         self._batch: int | None = None
         self._key: tuple | None = None
         self._warned: set[str] = set()
+        self._emitted: list[str] = []
         self._private_conds = False
         self._fallback_calls = 0
         self._fallback_last = -1
+        self._applied = False
 
     @property
     def p(self) -> Any:
@@ -483,8 +492,16 @@ class _Run:
 
     # -- attachment ------------------------------------------------------------------------------
 
+    def model_switched(self) -> bool:
+        """Whether the loaded model is not the one the setup was made for: another object, or the same object
+        with another checkpoint loaded into it (modules/sd_models.py ``reload_model_weights`` loads a
+        checkpoint of the same architecture in place, e.g. a same-family refiner)."""
+        setup, model = self.setup, shared.sd_model
+        return (setup is None or model is not setup.model
+                or getattr(model, "sd_checkpoint_info", None) != setup.checkpoint)
+
     def wanted_parts(self) -> set[str]:
-        if self.setup is None or self.refiner_off or shared.sd_model is not self.setup.model:
+        if self.setup is None or self.refiner_off or self.model_switched():
             return set()
         wanted: set[str] = {"te", "unet"} if self.fallback else set()
         for w in self.windows:
@@ -497,22 +514,27 @@ class _Run:
         for part in [p for p in self.parts if p not in wanted]:
             self.parts.pop(part).remove()
         setup = self.setup
-        for part in sorted(wanted - set(self.parts)):
-            assert setup is not None
-            keys = setup.te_keys if part == "te" else setup.unet_keys
-            if not keys:
-                continue
-            try:
-                self.parts[part] = _attach_part(setup.plan, setup.content, setup.style, setup.targets, keys,
-                                                self.clock)
-            except (LoraFormatError, ValueError) as err:
-                self.fail(f"K-LoRA: cannot apply {setup.args.content} × {setup.args.style}: {err}")
-                return
-        with _registry_lock:
-            if self.parts:
-                _attached.add(self)
-            else:
-                _attached.discard(self)
+        try:
+            for part in sorted(wanted - set(self.parts)):
+                assert setup is not None
+                keys = setup.te_keys if part == "te" else setup.unet_keys
+                if not keys:
+                    continue
+                try:
+                    self.parts[part] = _attach_part(setup.plan, setup.content, setup.style, setup.targets,
+                                                    keys, self.clock)
+                except Exception as err:  # inside the host's sampling: never fail the generation for it
+                    if not isinstance(err, LoraFormatError | ValueError):
+                        log.exception("K-LoRA: attaching the hooks failed")
+                    self.fail(f"K-LoRA: cannot apply {setup.args.content} × {setup.args.style}: {err}")
+                    return
+                self._applied = self._applied or part == "unet"
+        finally:  # a part attached before an error must stay findable by sweep()
+            with _registry_lock:
+                if self.parts:
+                    _attached.add(self)
+                else:
+                    _attached.discard(self)
 
     def detach(self) -> None:
         self.fallback = False
@@ -528,6 +550,7 @@ class _Run:
         """Say it once: a comment under the images (modules/processing.py ``p.comment``), the
         ``K-LoRA warning`` infotext field (the API's answer carries ``extra_generation_params`` but not the
         comments) and a console line."""
+        self._emitted.append(message)
         if message in self._warned:
             return
         self._warned.add(message)
@@ -555,7 +578,9 @@ class _Run:
 
     def fail(self, message: str) -> None:
         """Bad input: say so, and make the image (or this pass) without K-LoRA."""
-        in_hires = self.batch_setup is not None
+        in_hires = self._applied and getattr(self.p, "is_hr_pass", False)
+        if not in_hires:
+            self.batch_setup = None  # nothing of this batch was made with K-LoRA: the field must go
         message = message.rstrip()
         if not message.endswith((".", "!", "?")):
             message += "."
@@ -596,6 +621,12 @@ class _Run:
             self._batch = getattr(p, "iteration", 0)  # a new batch: its images get their own infotext
             self.batch_setup = None
             self.notes = []
+            self._applied = False  # whether a pass of this batch ran with the denoiser hooks on
+            self._warned.clear()  # an earlier batch's warnings are not about this batch's images
+            self._emitted = []
+            params = getattr(p, "extra_generation_params", None)
+            if isinstance(params, dict):
+                params.pop(common.WARNING_KEY, None)
         self.refiner_off = False  # the model is switched back to the base at the start of each pass
         try:
             tag = common.parse_tag(tag_params or None)
@@ -622,10 +653,13 @@ class _Run:
         seed = int(p.seeds[0]) if args.mode == "random" and getattr(p, "seeds", None) else 0
         key = (args, tag is not None, seed, id(model))
         if key == self._key and self.setup is not None:
+            for message in self.setup.warnings:
+                self.warn(message)
             self.batch_setup = self.setup
             self.write_infotext()
             self.sync()
             return
+        mark = len(self._emitted)
         try:
             setup = self._prepare(args, tag is not None, seed, model)
         except KLoraInputError as err:
@@ -637,6 +671,13 @@ class _Run:
         except ValueError as err:  # e.g. the two files disagree on a layer's shape (another base model)
             self.fail(f"K-LoRA: {args.content} × {args.style}: {err}")
             return
+        except Exception as err:  # unforeseen model or our own bug: a warning with the image, not just a log
+            log.exception("K-LoRA: preparing %s × %s failed", args.content, args.style)
+            self.fail(f"K-LoRA: cannot apply {args.content} × {args.style} to this model "
+                      f"({type(err).__name__}: {err})")
+            return
+        setup.checkpoint = getattr(model, "sd_checkpoint_info", None)
+        setup.warnings = self._emitted[mark:]
         self.detach()  # hooks of another plan must not stay
         self.setup = self.batch_setup = self.last_setup = setup
         self._key = key
@@ -899,7 +940,7 @@ def on_cfg_denoiser(params: Any) -> None:
         sweep(keep=run)  # hooks of a run not sampling now must not touch this sampling
     if run is None or run.setup is None or run.refiner_off:
         return
-    if shared.sd_model is not run.setup.model:
+    if run.model_switched():
         run.refiner_off = True
         run.detach()
         run.note("not applied after the switch to the refiner")

@@ -400,3 +400,38 @@ def test_positional_pattern_without_beta_takes_the_patterns_beta(webui: Webui) -
     alpha_only = webui.generate(klora=[True, CONTENT, STYLE, 1, 1, "s*", 2])
     assert_klora_field(alpha_only, pattern="s*", alpha="2", beta="1.275")
 
+
+
+# --------------------------------------------------------------------------------------------------------
+# SDXL (two text encoders; te2 is open_clip's fused nn.MultiheadAttention)
+
+
+@pytest.fixture(scope="module")
+def sdxl(webui: Webui) -> Webui:
+    """Skip unless the webui runs an SDXL model. The API does not state the architecture: ``KLORA_E2E_SDXL``
+    (1/0) says it, else the loaded checkpoint's title must contain "xl" (/sdapi/v1/options)."""
+    flag = os.environ.get("KLORA_E2E_SDXL")
+    title = str(webui.get("/sdapi/v1/options").get("sd_model_checkpoint") or "")
+    if not (flag == "1" if flag in ("0", "1") else "xl" in title.lower()):
+        pytest.skip(f"not an SDXL model: {title!r} (set KLORA_E2E_SDXL=1 to force)")
+    return webui
+
+
+def test_sdxl_merge_of_content_alone_equals_the_builtin_tag(sdxl: Webui, baseline: Generation) -> None:
+    """Direct merge with style strength 0 adds the content LoRA at every step in every layer, both text
+    encoders included: the image the builtin ``<lora:CONTENT:1>`` makes (which merges weights instead).
+    CONTENT's te2 attention must have q, k, v and out (the builtin skips a partial nn.MultiheadAttention)."""
+    tag = sdxl.generate(prompt=f"{baseline.request['prompt']} <lora:{CONTENT}:1>")
+    ours = sdxl.generate(klora=[{"content": CONTENT, "style": STYLE, "mode": "merge", "sw": 0, "te": "both"}])
+    assert_klora_field(ours, mode="merge", sw="0")
+    assert_differs(tag, baseline, "<lora> tag vs without")
+    diff = mean_abs_diff(ours.image, tag.image)
+    assert diff < 0.05, f"K-LoRA merge vs builtin tag: mean |Δ| = {diff:.3f} of 255"
+
+
+def test_sdxl_each_text_encoder_policy_changes_the_image(sdxl: Webui, panel: Generation) -> None:
+    gens = {te: sdxl.generate(klora=[{"content": CONTENT, "style": STYLE, "te": te}])
+            for te in ("none", "content", "style")}
+    for te in ("content", "style"):
+        assert_differs(gens[te], gens["none"], f"te={te} vs te=none")
+    assert_differs(panel, gens["content"], "te=both vs te=content")
