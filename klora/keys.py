@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from typing import Literal
 
 from torch import nn
@@ -174,6 +175,77 @@ def canonical_key(component: str, module_path: str) -> str:
     return f"{component}/{name}"
 
 
+_SGM_BLOCK_RE = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)(?:_(.+))?$")
+
+
+def _ldm_unet(model: nn.Module) -> nn.Module:
+    """``model`` itself when it carries ``num_res_blocks``, else its ``diffusion_model`` submodule (a wrapper
+    such as A1111's whole ``sd_model``); ``model`` when there is none."""
+    if hasattr(model, "num_res_blocks"):
+        return model
+    found = [(n, m) for n, m in model.named_modules()
+             if (n == "diffusion_model" or n.endswith(".diffusion_model")) and hasattr(m, "num_res_blocks")]
+    return min(found, key=lambda nm: len(nm[0]))[1] if found else model
+
+
+def sgm_renumbering(unet: nn.Module) -> Callable[[str], str | None] | None:
+    """Renumber the SGM blocks of a UNet whose levels do not have two res blocks each into the two-block
+    layout :func:`sgm_to_diffusers` assumes (every SD1.x/SD2.x/SDXL checkpoint has it).
+
+    ldm/SGM ``UNetModel`` numbers ``input_blocks``/``output_blocks`` by its ``num_res_blocks`` per level
+    (``input_blocks``: conv, then per level its res blocks and a downsampler; ``output_blocks``: per level,
+    deepest first, ``num_res_blocks + 1`` blocks, the last holding the upsampler), so with one block per level
+    the fixed formula would put, e.g., ``up_blocks.1.attentions.0`` on ``output_blocks.3``. ``unet`` is the
+    UNet or a wrapper with a ``diffusion_model`` submodule. None when the layout is the standard one (or
+    unknown). The function takes and returns flattened names; it returns None for a block the standard
+    layout cannot express (a level's third or later res block), and other names unchanged."""
+    dm = _ldm_unet(unet)
+    nrb = getattr(dm, "num_res_blocks", None)
+    if isinstance(nrb, int):
+        nrb = [nrb] * len(getattr(dm, "channel_mult", ()) or ())
+    if not isinstance(nrb, (list, tuple)) or not nrb or not all(isinstance(n, int) for n in nrb):
+        return None
+    if all(n == 2 for n in nrb):
+        return None
+    levels = len(nrb)
+    down: dict[int, int] = {0: 0}
+    up: dict[int, int] = {}
+    upsampler: dict[int, int] = {}  # an up level's last block (holds the Upsample) → the standard 3i+2
+    n = 1
+    for i, count in enumerate(nrb):
+        for j in range(min(count, 2)):  # a third block has no number of its own in the standard layout
+            down[n + j] = 3 * i + 1 + j
+        n += count
+        if i < levels - 1:
+            down[n] = 3 * i + 3
+            n += 1
+    n = 0
+    for i in range(levels):
+        count = nrb[levels - 1 - i] + 1
+        for j in range(min(count, 3)):
+            up[n + j] = 3 * i + j
+        if i < levels - 1:
+            upsampler[n + count - 1] = 3 * i + 2
+        n += count
+
+    def renumber(flat_name: str) -> str | None:
+        m = _SGM_BLOCK_RE.match(flat_name)
+        if m is None:
+            return flat_name
+        side, block, sub, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+        if side == "input_blocks":
+            new = down.get(block)
+        elif rest == "conv" and sub >= 1 and block in upsampler:  # Upsample's only module is ``conv``
+            new = upsampler[block]
+        else:
+            new = up.get(block)
+        if new is None:
+            return None
+        return _join(f"{side}_{new}_{sub}", rest)
+
+    return renumber
+
+
 # OpenCLIP (A1111's SDXL te2, SD2 te) → HF CLIP names for the modules whose forward is called.
 _OPENCLIP_RE = re.compile(r"^(?:.*_)?transformer_resblocks_(\d+)_mlp_(c_fc|c_proj)$")
 _OPENCLIP_MLP = {"c_fc": "fc1", "c_proj": "fc2"}
@@ -197,7 +269,8 @@ def module_targets(model: nn.Module, component: str, naming: Naming) -> dict[str
     ``naming="diffusers"``: a diffusers ``UNet2DConditionModel`` (or a transformer) for ``unet``, an HF
     ``CLIPTextModel`` (or anything whose names contain ``text_model.``) for ``te1``/``te2``.
     ``naming="sgm"``: A1111's ldm/SGM UNet (``model.diffusion_model``; given a wrapper such as the whole
-    ``sd_model``, only the modules under ``diffusion_model.`` are taken, without that prefix), and for
+    ``sd_model``, only the modules under ``diffusion_model.`` are taken, without that prefix), numbered by
+    its own ``num_res_blocks`` (:func:`sgm_renumbering`; blocks it cannot express are left out), and for
     text encoders also OpenCLIP's MLP layers (``transformer.resblocks.N.mlp.c_fc``).
     OpenCLIP attention (``nn.MultiheadAttention``) is not returned: its fused ``in_proj`` is a parameter,
     not a module, and its ``out_proj`` is used without calling the submodule's forward, so a forward hook
@@ -207,6 +280,7 @@ def module_targets(model: nn.Module, component: str, naming: Naming) -> dict[str
     named = [(flat(n), m) for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))]
     wrapped = (component == "unet" and naming == "sgm"
                and any(f.startswith(_WRAPPER_PREFIXES) for f, _ in named))
+    renumber = sgm_renumbering(model) if component == "unet" and naming == "sgm" else None
     for f, module in named:
         if component == "unet":
             if naming == "sgm":
@@ -215,6 +289,11 @@ def module_targets(model: nn.Module, component: str, naming: Naming) -> dict[str
                     if p is None:
                         continue
                     f = f[len(p):]
+                if renumber is not None and is_sgm_name(f):
+                    renumbered = renumber(f)
+                    if renumbered is None:
+                        continue
+                    f = renumbered
                 f = sgm_to_diffusers(f)
             out["unet/" + f] = module
         else:
@@ -306,6 +385,7 @@ __all__ = [
     "is_sgm_name",
     "layer_order",
     "module_targets",
+    "sgm_renumbering",
     "sgm_to_diffusers",
     "unet_key",
     "up_blocks_with_attention",

@@ -15,6 +15,7 @@ from klora.keys import (
     is_sgm_name,
     layer_order,
     module_targets,
+    sgm_renumbering,
     sgm_to_diffusers,
     up_blocks_with_attention,
 )
@@ -189,6 +190,135 @@ def test_module_targets_sgm_naming_matches_diffusers_keys() -> None:
     }
     for key, mod in targets.items():
         assert tuple(mod.weight.shape) == shapes[key], key
+
+
+def _ldm_unet(num_res_blocks: list[int], channels: int = 32, channel_mult: tuple[int, ...] = (1, 2),
+              attention_levels: frozenset[int] = frozenset({1}), context_dim: int = 32) -> nn.Module:
+    """An ldm/SGM ``UNetModel`` module tree (meta device, Linear/Conv2d leaves only), from the facts of its
+    layout: ``input_blocks``: the input conv, then per level ``num_res_blocks[level]`` blocks (ResBlock
+    [+ SpatialTransformer]) and, except at the last level, a Downsample (``op``); ``middle_block``: ResBlock,
+    SpatialTransformer, ResBlock; ``output_blocks``: per level, deepest first, ``num_res_blocks[level] + 1``
+    blocks whose ResBlock takes the popped skip channels too, the last one (except at level 0) ending in an
+    Upsample (``conv``). ResBlock: ``in_layers.2``, ``emb_layers.1``, ``out_layers.3`` and a 1x1
+    ``skip_connection`` when the channels change."""
+    meta = {"device": "meta"}
+    emb = 4 * channels
+
+    def node(**children: nn.Module) -> nn.Module:
+        m = nn.Module()
+        for name, child in children.items():
+            m.add_module(name, child)
+        return m
+
+    def seq(modules: dict[int, nn.Module]) -> nn.Module:
+        return node(**{str(i): m for i, m in modules.items()})
+
+    def res(cin: int, cout: int) -> nn.Module:
+        m = node(in_layers=seq({2: nn.Conv2d(cin, cout, 3, padding=1, **meta)}),
+                 emb_layers=seq({1: nn.Linear(emb, cout, **meta)}),
+                 out_layers=seq({3: nn.Conv2d(cout, cout, 3, padding=1, **meta)}))
+        if cin != cout:
+            m.skip_connection = nn.Conv2d(cin, cout, 1, **meta)
+        return m
+
+    def attention(c: int, kv: int) -> nn.Module:
+        return node(to_q=nn.Linear(c, c, bias=False, **meta), to_k=nn.Linear(kv, c, bias=False, **meta),
+                    to_v=nn.Linear(kv, c, bias=False, **meta), to_out=seq({0: nn.Linear(c, c, **meta)}))
+
+    def transformer(c: int) -> nn.Module:
+        ff = node(net=seq({0: node(proj=nn.Linear(c, 8 * c, **meta)), 2: nn.Linear(4 * c, c, **meta)}))
+        block = node(attn1=attention(c, c), attn2=attention(c, context_dim), ff=ff)
+        return node(proj_in=nn.Conv2d(c, c, 1, **meta), transformer_blocks=seq({0: block}),
+                    proj_out=nn.Conv2d(c, c, 1, **meta))
+
+    levels = len(channel_mult)
+    ch = channels
+    inputs = [seq({0: nn.Conv2d(4, ch, 3, padding=1, **meta)})]
+    skips = [ch]
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks[level]):
+            parts = {0: res(ch, mult * channels)}
+            ch = mult * channels
+            if level in attention_levels:
+                parts[1] = transformer(ch)
+            inputs.append(seq(parts))
+            skips.append(ch)
+        if level < levels - 1:
+            inputs.append(seq({0: node(op=nn.Conv2d(ch, ch, 3, stride=2, padding=1, **meta))}))
+            skips.append(ch)
+    middle = seq({0: res(ch, ch), 1: transformer(ch), 2: res(ch, ch)})
+    outputs = []
+    for level in reversed(range(levels)):
+        for i in range(num_res_blocks[level] + 1):
+            parts = {0: res(ch + skips.pop(), channel_mult[level] * channels)}
+            ch = channel_mult[level] * channels
+            if level in attention_levels:
+                parts[1] = transformer(ch)
+            if level and i == num_res_blocks[level]:
+                parts[len(parts)] = node(conv=nn.Conv2d(ch, ch, 3, padding=1, **meta))
+            outputs.append(seq(parts))
+    unet = node(time_embed=seq({0: nn.Linear(channels, emb, **meta), 2: nn.Linear(emb, emb, **meta)}),
+                input_blocks=seq(dict(enumerate(inputs))), middle_block=middle,
+                output_blocks=seq(dict(enumerate(outputs))),
+                out=seq({2: nn.Conv2d(channels, 4, 3, padding=1, **meta)}))
+    unet.num_res_blocks = list(num_res_blocks)
+    unet.channel_mult = list(channel_mult)
+    return unet
+
+
+def _shapes(targets: dict[str, nn.Module]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(m.weight.shape) for k, m in targets.items()}
+
+
+@pytest.mark.parametrize("per_level", [1, 2])
+def test_ldm_unet_maps_like_the_diffusers_unet_with_its_blocks_per_level(per_level: int) -> None:
+    """The ldm tree numbered by its own ``num_res_blocks`` gives exactly the keys (and weight shapes) of the
+    diffusers UNet built with the same ``layers_per_block``."""
+    ldm = _ldm_unet([per_level, per_level])
+    diffusers = build_unet({**tiny_unet_config(), "layers_per_block": per_level}, meta=True)
+    want = _shapes(module_targets(diffusers, "unet", "diffusers"))
+    assert _shapes(module_targets(ldm, "unet", "sgm")) == want
+    assert (sgm_renumbering(ldm) is None) == (per_level == 2)
+
+
+def test_sgm_renumbering_one_block_per_level() -> None:
+    renumber = sgm_renumbering(_ldm_unet([1, 1]))
+    assert renumber is not None
+    assert renumber("input_blocks_2_0_op") == "input_blocks_3_0_op"
+    assert renumber("input_blocks_3_1_proj_in") == "input_blocks_4_1_proj_in"
+    assert renumber("output_blocks_1_2_conv") == "output_blocks_2_2_conv"  # the upsampler
+    assert renumber("output_blocks_1_1_proj_in") == "output_blocks_1_1_proj_in"
+    assert renumber("output_blocks_2_0_skip_connection") == "output_blocks_3_0_skip_connection"
+    assert renumber("middle_block_1_proj_in") == "middle_block_1_proj_in"
+    # A level's third block has no number in the two-block layout.
+    three = sgm_renumbering(_ldm_unet([3, 3]))
+    assert three is not None and three("input_blocks_3_0_in_layers_2") is None
+    assert three("input_blocks_2_0_in_layers_2") == "input_blocks_2_0_in_layers_2"
+
+
+def test_module_targets_a1111_wrapper_with_one_block_per_level() -> None:
+    """A1111 passes ``sd_model.model.diffusion_model``; given the whole wrapper, the ``num_res_blocks`` of its
+    ``diffusion_model`` still decides the numbering, and each key lands on the ldm module of its layer."""
+    dm = _ldm_unet([1, 1])
+    sd_model = nn.Module()
+    sd_model.model = nn.Module()
+    sd_model.model.diffusion_model = dm
+    sd_model.first_stage_model = nn.Module()
+    sd_model.first_stage_model.conv_in = nn.Conv2d(4, 8, 3, device="meta")
+    targets = module_targets(sd_model, "unet", "sgm")
+    diffusers = build_unet({**tiny_unet_config(), "layers_per_block": 1}, meta=True)
+    assert _shapes(targets) == _shapes(module_targets(diffusers, "unet", "diffusers"))
+    ib, ob = dm.input_blocks, dm.output_blocks
+    tb = "transformer_blocks_0"
+    assert targets["unet/down_blocks_0_downsamplers_0_conv"] is getattr(ib, "2").get_submodule("0.op")
+    assert targets["unet/down_blocks_1_resnets_0_conv1"] is getattr(ib, "3").get_submodule("0.in_layers.2")
+    assert targets[f"unet/down_blocks_1_attentions_0_{tb}_attn2_to_k"] is \
+        getattr(ib, "3").get_submodule("1.transformer_blocks.0.attn2.to_k")
+    assert targets["unet/up_blocks_0_upsamplers_0_conv"] is getattr(ob, "1").get_submodule("2.conv")
+    assert targets[f"unet/up_blocks_0_attentions_1_{tb}_attn1_to_v"] is \
+        getattr(ob, "1").get_submodule("1.transformer_blocks.0.attn1.to_v")
+    assert targets["unet/up_blocks_1_resnets_1_conv2"] is getattr(ob, "3").get_submodule("0.out_layers.3")
+    assert "unet/down_blocks_1_resnets_1_conv1" not in targets
 
 
 def test_module_targets_text_encoders() -> None:

@@ -35,8 +35,7 @@ The script calls the same entry points as on A1111 (:func:`before_process`, :fun
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -138,63 +137,6 @@ def _flux_dims(model: nn.Module) -> tuple[int, int]:
     return hidden, mlp
 
 
-_SGM_BLOCK_RE = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)(?:_(.+))?$")
-
-
-def _sgm_renumbering(dm: nn.Module) -> Callable[[str], str | None] | None:
-    """Renumber the SGM blocks of a UNet whose levels do not have two blocks each into the two-block layout
-    that :func:`klora.keys.unet_key` assumes (every SD1.5/SD2/SDXL checkpoint has it). Forge builds the UNet
-    from the checkpoint's detected config (``backend/nn/unet.py::IntegratedUNet2DConditionModel``,
-    ``num_res_blocks`` per level), so a checkpoint with one block per level numbers ``input_blocks``/
-    ``output_blocks`` differently and the fixed formula would put, e.g., ``up_blocks.1.attentions.0`` on
-    ``output_blocks.3``. None when the layout is the standard one (or unknown); the function returns None
-    for a block it cannot express (a level with more than two blocks), which Forge's key map then places."""
-    nrb = getattr(dm, "num_res_blocks", None)
-    if isinstance(nrb, int):
-        nrb = [nrb] * len(getattr(dm, "channel_mult", ()) or ())
-    if not isinstance(nrb, (list, tuple)) or not nrb or not all(isinstance(n, int) for n in nrb):
-        return None
-    if all(n == 2 for n in nrb):
-        return None
-    levels = len(nrb)
-    down: dict[int, int] = {0: 0}
-    up: dict[int, int] = {}
-    upsampler: dict[int, int] = {}  # an up level's last block (holds the Upsample) → the standard 3i+2
-    n = 1
-    for i, count in enumerate(nrb):
-        for j in range(min(count, 2)):  # a third block has no number of its own in the standard layout
-            down[n + j] = 3 * i + 1 + j
-        n += count
-        if i < levels - 1:
-            down[n] = 3 * i + 3
-            n += 1
-    n = 0
-    for i in range(levels):
-        count = nrb[levels - 1 - i] + 1
-        for j in range(min(count, 3)):
-            up[n + j] = 3 * i + j
-        if i < levels - 1:
-            upsampler[n + count - 1] = 3 * i + 2
-        n += count
-
-    def renumber(flat_name: str) -> str | None:
-        m = _SGM_BLOCK_RE.match(flat_name)
-        if m is None:
-            return flat_name
-        side, block, sub, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-        if side == "input_blocks":
-            new = down.get(block)
-        elif rest == "conv" and sub >= 1 and block in upsampler:  # Upsample's only module is ``conv``
-            new = upsampler[block]
-        else:
-            new = up.get(block)
-        if new is None:
-            return None
-        return f"{side}_{new}_{sub}" + (f"_{rest}" if rest else "")
-
-    return renumber
-
-
 def build_targets(sd_model: Any, layer_keys: Iterable[str]) -> tuple[dict[str, Target], list[str]]:
     """Canonical key → :class:`~klora.apply.Target` in Forge's modules, and the keys not found."""
     wanted = list(dict.fromkeys(layer_keys))
@@ -202,7 +144,9 @@ def build_targets(sd_model: Any, layer_keys: Iterable[str]) -> tuple[dict[str, T
     dm = diffusion_model(sd_model)
     components = {k.partition("/")[0] for k in wanted}
     if "unet" in components:
-        renumber = _sgm_renumbering(dm)
+        # Forge builds the UNet from the checkpoint's config (backend/nn/unet.py, ``num_res_blocks`` per
+        # level): renumber a non-standard layout; blocks the renumbering cannot express go to Forge's key map.
+        renumber = keys.sgm_renumbering(dm)
         index: dict[str, nn.Module] = {}
         for name, module in dm.named_modules():
             if name and _hookable(module):
