@@ -9,11 +9,18 @@ and leave nothing to restore: removing the hooks is the whole clean-up.
 Cost per hook call: the layer's choice is recomputed only when the clock's τ changes (one
 ``Plan.choose`` per layer per step, pushed to the hooks); a call reads one attribute, finds the
 factors for the output's device and dtype (moved once, then cached), and runs the low-rank products.
+
+Prepared factors outlive the hooks: the host attaches once per batch (and hires pass, XYZ cell), so a
+small LRU keeps, per (file sha256, strength), the fp32 factors and their device/dtype copies, and the next
+``attach`` of the same files at the same strengths prepares and uploads nothing. :func:`set_cache_size`
+bounds it (in files), :func:`clear_cache` empties it.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +36,17 @@ from .formats import LoraFile, LoraFormatError, LoraLayer
 if TYPE_CHECKING:
     from .fusion import Plan
 
-__all__ = ["Hooks", "ShapeMismatchError", "StepClock", "Target", "attach", "attached"]
+__all__ = [
+    "Hooks",
+    "ShapeMismatchError",
+    "StepClock",
+    "Target",
+    "attach",
+    "attached",
+    "cache_info",
+    "clear_cache",
+    "set_cache_size",
+]
 
 
 class ShapeMismatchError(LoraFormatError):
@@ -103,18 +120,19 @@ def _ordinary(t: torch.Tensor) -> torch.Tensor:
 class _Path:
     """Prepared fp32 CPU tensors of one delta and their copies per (device, dtype), made on first use."""
 
-    __slots__ = ("_cache", "_cur", "_dev", "_dt", "master")
+    __slots__ = ("_cache", "_last", "master")
 
     def __init__(self, *master: torch.Tensor | None) -> None:
         self.master = master
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Any, ...]] = {}
-        self._dev: torch.device | None = None
-        self._dt: torch.dtype | None = None
-        self._cur: tuple[Any, ...] = ()
+        # The last copies used, with their device and dtype: one attribute, so that hooks of two attaches
+        # sharing this (cached) path never read a device of one and the tensors of another.
+        self._last: tuple[torch.device | None, torch.dtype | None, tuple[Any, ...]] = (None, None, ())
 
     def tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
-        if dtype is self._dt and device == self._dev:
-            return self._cur
+        dev, dt, cur = self._last
+        if dtype is dt and device == dev:
+            return cur
         key = (device, dtype)
         cur = self._cache.get(key)
         if cur is None:
@@ -124,13 +142,12 @@ class _Path:
                 cur = tuple(None if t is None else _ordinary(t.to(device=device, dtype=dtype))
                             for t in self.master)
             self._cache[key] = cur
-        self._dev, self._dt, self._cur = device, dtype, cur
+        self._last = (device, dtype, cur)
         return cur
 
     def clear(self) -> None:
         self._cache.clear()
-        self._dev = self._dt = None
-        self._cur = ()
+        self._last = (None, None, ())
 
     @property
     def nbytes(self) -> int:
@@ -266,10 +283,6 @@ class _Sum:
         self.a.add_into(x, out)
         self.b.add_into(x, out)
 
-    def clear(self) -> None:
-        self.a.clear()
-        self.b.clear()
-
 
 def _combine(a: _Path, b: _Path) -> _Path | _Sum:
     """One product for content + style where both are plain low-rank of the same layout: the factors
@@ -388,16 +401,171 @@ def _prepare(file: LoraFile, layer: LoraLayer, strength: float, site: _Site) -> 
     return _ConvDense(w, b, site.geo)
 
 
+# --------------------------------------------------------------------------------------------------
+# Prepared factors kept across attaches
+
+
+_UnitKey = tuple[str, float]  # (file sha256, strength)
+_SiteKey = tuple[Any, ...]  # (layer key, conv, weight shape, conv geometry): all a prepared path depends on
+
+
+class _Bucket:
+    """The prepared paths of one file at one strength (or the stacked content+style paths of two such),
+    by site. ``live`` turns False when the cache drops the bucket: hooks then free the device copies of
+    its paths they still hold when they are removed."""
+
+    __slots__ = ("key", "live", "paths")
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+        self.live = True
+        self.paths: dict[_SiteKey, _Path] = {}
+
+
+class _FactorCache:
+    """LRU of prepared factors, at most ``size`` (file sha256, strength) entries.
+
+    An entry holds what ``attach`` prepared for that file at that strength: the fp32 CPU factors (dense
+    ΔW only for kinds without a factorisation) of every site it was attached to, and their copies per
+    device and dtype made by the hooks. Stacked content+style factors (the "both" choice) are kept per
+    pair of live entries and dropped with either. So the cache holds at most what attaching the last
+    ``size`` files prepared: what a generation with them held while it ran, now held between generations.
+    Files without a sha256 and ``size`` 0 are not cached: the hooks then own their factors and free
+    them on ``remove()``.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._units: OrderedDict[_UnitKey, _Bucket] = OrderedDict()
+        self._pairs: dict[tuple[_UnitKey, _UnitKey], _Bucket] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _drop(bucket: _Bucket) -> None:
+        bucket.live = False
+        for path in bucket.paths.values():
+            path.clear()
+        bucket.paths.clear()
+
+    def _evict(self, size: int) -> None:
+        while len(self._units) > size:
+            key, bucket = self._units.popitem(last=False)
+            self._drop(bucket)
+            for pk in [pk for pk in self._pairs if key in pk]:
+                self._drop(self._pairs.pop(pk))
+
+    def unit(self, file: LoraFile, strength: float) -> _Bucket | None:
+        if not file.sha256 or self.size <= 0:
+            return None
+        key = (file.sha256, float(strength))
+        with self._lock:
+            bucket = self._units.get(key)
+            if bucket is None:
+                bucket = self._units[key] = _Bucket(key)
+                self._evict(self.size)
+            else:
+                self._units.move_to_end(key)
+            return bucket
+
+    def pair(self, content: _Bucket | None, style: _Bucket | None) -> _Bucket | None:
+        if content is None or style is None:
+            return None
+        key = (content.key, style.key)
+        with self._lock:
+            if not (content.live and style.live):
+                return None
+            bucket = self._pairs.get(key)
+            if bucket is None:
+                bucket = self._pairs[key] = _Bucket(key)
+            return bucket
+
+    def get(self, bucket: _Bucket, key: _SiteKey) -> _Path | None:
+        with self._lock:
+            path = bucket.paths.get(key)
+            if path is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return path
+
+    def put(self, bucket: _Bucket, key: _SiteKey, path: _Path) -> None:
+        with self._lock:
+            if bucket.live:
+                bucket.paths[key] = path
+
+    def resize(self, size: int) -> None:
+        with self._lock:
+            self.size = size
+            self._evict(max(size, 0))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._evict(0)
+            self.hits = self.misses = 0
+
+    def info(self) -> dict[str, int]:
+        with self._lock:
+            return {"files": len(self._units), "size": self.size, "pairs": len(self._pairs),
+                    "paths": sum(len(b.paths) for b in (*self._units.values(), *self._pairs.values())),
+                    "hits": self.hits, "misses": self.misses}
+
+
+_DEFAULT_FILES = 2  # one content+style pair at one strength each: the repeated batches of one generation
+_cache = _FactorCache(_DEFAULT_FILES)
+
+
+def set_cache_size(files: int) -> None:
+    """Keep the prepared factors (and their device copies) of up to ``files`` (file, strength) entries
+    across attaches (default 2: one pair); 0 disables the cache (every attach prepares and uploads anew)."""
+    _cache.resize(max(int(files), 0))
+
+
+def clear_cache() -> None:
+    """Free every cached factor and device copy (for example when the model or the extension unloads).
+    Hooks still attached keep working: they make new copies on their next call and free them on removal."""
+    _cache.clear()
+
+
+def cache_info() -> dict[str, int]:
+    """Entries (``files`` of ``size``, stacked ``pairs``), prepared ``paths`` held, and path hits/misses."""
+    return _cache.info()
+
+
+def _site_key(key: str, site: _Site) -> _SiteKey:
+    return (key, site.conv, site.shape, site.geo)
+
+
+def _prepared(bucket: _Bucket | None, file: LoraFile, layer: LoraLayer, strength: float,
+              site: _Site) -> _Path:
+    """:func:`_prepare`, reusing the bucket's path for the same site (same tensors: same file content,
+    layer, strength and weight shape)."""
+    if bucket is None:
+        return _prepare(file, layer, strength, site)
+    key = _site_key(layer.key, site)
+    path = _cache.get(bucket, key)
+    if path is None:
+        path = _prepare(file, layer, strength, site)
+        _cache.put(bucket, key, path)
+    return path
+
+
 class _LayerHook:
     """The forward hook of one layer key. ``active`` is the delta for the current τ (or None)."""
 
-    __slots__ = ("_both", "active", "content", "key", "rows", "style")
+    __slots__ = ("_both", "_buckets", "_skey", "active", "content", "key", "rows", "style")
 
-    def __init__(self, key: str, content: _Path | None, style: _Path | None, site: _Site) -> None:
+    def __init__(self, key: str, content: _Path | None, style: _Path | None, site: _Site,
+                 buckets: tuple[_Bucket | None, _Bucket | None, _Bucket | None] = (None, None, None),
+                 site_key: _SiteKey = ()) -> None:
         self.key = key
         self.content = content
         self.style = style
         self._both: _Path | _Sum | None = None
+        # Where content, style and the stacked "both" path are cached (None: owned by this hook).
+        self._buckets = buckets
+        self._skey = site_key
         self.active: _Path | _Sum | None = None
         # Output rows of a fused layer: Linear features are the last dim, conv channels dim -3.
         self.rows: tuple[Any, ...] | None = None
@@ -413,15 +581,26 @@ class _LayerHook:
             if self.content is None or self.style is None:
                 return self.content or self.style
             if self._both is None:
-                self._both = _combine(self.content, self.style)
+                self._both = self._stacked()
             return self._both
         if choice == "none":
             return None
         raise ValueError(f"{self.key}: unknown choice {choice!r}")
 
+    def _stacked(self) -> _Path | _Sum:
+        assert self.content is not None and self.style is not None
+        bucket = self._buckets[2]
+        both = None if bucket is None else _cache.get(bucket, self._skey)
+        if both is None:
+            both = _combine(self.content, self.style)
+            if bucket is not None and isinstance(both, _Path):  # a _Sum holds nothing of its own
+                _cache.put(bucket, self._skey, both)
+        return both
+
     def clear(self) -> None:
-        for p in (self.content, self.style, self._both):
-            if p is not None:
+        """Free the device copies this hook owns: those of paths the cache does not (or no longer) hold."""
+        for p, bucket in zip((self.content, self.style, self._both), self._buckets, strict=True):
+            if isinstance(p, _Path) and (bucket is None or not bucket.live):
                 p.clear()
         self._both = None
         self.active = None
@@ -508,8 +687,12 @@ def attach(plan: Plan, content: LoraFile, style: LoraFile, targets: Mapping[str,
            clock: StepClock) -> Hooks:
     """Prepare every planned layer that has a target and hook it. Keys without a target are listed in
     ``Hooks.missing``. A layer that does not fit its module raises ``ShapeMismatchError`` and nothing is
-    attached."""
+    attached. Factors (and their device copies) prepared by an earlier attach of the same file content at
+    the same strength for the same weight shape are reused (see :func:`set_cache_size`)."""
     opts = plan.options
+    c_bucket = _cache.unit(content, opts.content_strength)
+    s_bucket = _cache.unit(style, opts.style_strength)
+    buckets = (c_bucket, s_bucket, _cache.pair(c_bucket, s_bucket))
     layers: list[_LayerHook] = []
     modules: list[nn.Module] = []
     missing: list[str] = []
@@ -525,9 +708,11 @@ def attach(plan: Plan, content: LoraFile, style: LoraFile, targets: Mapping[str,
         site = _site(key, target)
         layers.append(_LayerHook(
             key,
-            None if c is None else _prepare(content, c, opts.content_strength, site),
-            None if s is None else _prepare(style, s, opts.style_strength, site),
+            None if c is None else _prepared(c_bucket, content, c, opts.content_strength, site),
+            None if s is None else _prepared(s_bucket, style, s, opts.style_strength, site),
             site,
+            buckets,
+            _site_key(key, site),
         ))
         modules.append(target.module)
     hooks = Hooks(plan, clock, layers, missing)

@@ -12,6 +12,7 @@ import copy
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,7 +30,17 @@ from synth import (
 )
 from torch import nn
 
-from klora.apply import ShapeMismatchError, StepClock, Target, attach, attached
+import klora.apply as apply_mod
+from klora.apply import (
+    ShapeMismatchError,
+    StepClock,
+    Target,
+    attach,
+    attached,
+    cache_info,
+    clear_cache,
+    set_cache_size,
+)
 from klora.delta import bias_delta, dense_delta
 from klora.formats import LoraFile, LoraLayer, read_lora
 from klora.fusion import FusionOptions, make_plan
@@ -95,6 +106,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_factor_cache():
+    """Every test starts with an empty factor cache of the default size (files of equal content written
+    by two tests would otherwise share prepared factors)."""
+    size = cache_info()["size"]
+    clear_cache()
+    yield
+    clear_cache()
+    set_cache_size(size)
 
 
 @pytest.fixture(scope="module")
@@ -744,3 +766,187 @@ def test_remove_is_idempotent_and_restores_plain_output(tmp_path):
         hooks.remove()
         assert torch.equal(lin(x), plain)
     _assert_untouched(lin, before)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prepared factors cached across attaches
+
+
+class _Counts:
+    """Counts what ``attach`` and the hooks prepare: the layers sent to klora.delta (kind, key, strength),
+    the device/dtype copies made, and the stacked content+style factors built."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.prepared: list[tuple[str, str, float]] = []
+        self.copies = 0
+        self.stacked = 0
+        real_low_rank, real_dense = apply_mod.low_rank, apply_mod.dense_delta
+        real_ordinary, real_combine = apply_mod._ordinary, apply_mod._combine
+
+        def low_rank(layer, strength=1.0):
+            self.prepared.append((layer.kind, layer.key, strength))
+            return real_low_rank(layer, strength)
+
+        def dense(layer, strength=1.0):
+            self.prepared.append((layer.kind, layer.key, strength))
+            return real_dense(layer, strength)
+
+        def ordinary(t):
+            self.copies += 1
+            return real_ordinary(t)
+
+        def combine(a, b):
+            both = real_combine(a, b)
+            self.stacked += isinstance(both, apply_mod._Path)  # a _Sum of the two holds no tensors
+            return both
+
+        monkeypatch.setattr(apply_mod, "low_rank", low_rank)
+        monkeypatch.setattr(apply_mod, "dense_delta", dense)
+        monkeypatch.setattr(apply_mod, "_ordinary", ordinary)
+        monkeypatch.setattr(apply_mod, "_combine", combine)
+
+    def reset(self) -> None:
+        self.prepared, self.copies, self.stacked = [], 0, 0
+
+
+def test_a_second_attach_of_the_same_plan_prepares_and_copies_nothing(unet, tmp_path, monkeypatch):
+    content, style = (read_lora(p) for p in write_kohya_pair(unet, tmp_path))
+    model = copy.deepcopy(unet).double()  # float64: the hooks make copies of the fp32 factors
+    targets = {k: Target(m) for k, m in module_targets(model, "unet", "diffusers").items()}
+    plans = [make_plan(content, style, FusionOptions(pattern="s*", content_strength=0.8)),
+             make_plan(content, style, FusionOptions(mode="merge", content_strength=0.8))]
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in _inputs().items()}
+    counts = _Counts(monkeypatch)
+
+    def run() -> list[torch.Tensor]:
+        outs = []
+        for plan in plans:
+            clock = StepClock()
+            with torch.no_grad(), attached(plan, content, style, targets, clock):
+                for step in (0, 3, 7):
+                    clock.set_step(step, STEPS)
+                    outs.append(model(**inputs).sample)
+        return outs
+
+    cold = run()
+    assert len(counts.prepared) >= len(content.layers) + len(style.layers)
+    assert counts.copies > 0 and counts.stacked > 0
+    assert cache_info()["files"] == 2
+    counts.reset()
+    warm = run()
+    assert (counts.prepared, counts.copies, counts.stacked) == ([], 0, 0)
+    set_cache_size(0)  # a fresh attach, nothing cached
+    fresh = run()
+    assert len(counts.prepared) >= len(content.layers) + len(style.layers) and counts.copies > 0
+    assert cache_info()["files"] == 0
+    for a, b, c in zip(cold, warm, fresh, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(cold[0], cold[3])  # the plans differ (the outputs say something)
+
+
+def _lin_pair(tmp_path: Path) -> tuple[LoraFile, LoraFile, dict[str, Target], torch.Tensor]:
+    shapes = {"unet/a": (12, 16), "unet/b": (12, 16)}
+    c = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=2, seed=1, scale_by=2.0))
+    s = read_lora(_write(tmp_path, "s", write_full, shapes, seed=2, bias=True))
+    torch.manual_seed(17)
+    lin = nn.Linear(16, 12).double()
+    targets = {"unet/a": Target(lin), "unet/b": Target(lin)}  # two layers, two hooks on one module
+    return c, s, targets, torch.randn(3, 16, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+
+
+def test_other_strengths_prepare_new_factors_and_the_cache_is_lru_bounded(tmp_path, monkeypatch):
+    c, s, targets, x = _lin_pair(tmp_path)
+    lin = targets["unet/a"].module
+    counts = _Counts(monkeypatch)
+    set_cache_size(2)
+
+    def run(style_strength: float) -> tuple[torch.Tensor, set[tuple[str, float]], Any]:
+        counts.reset()
+        plan = make_plan(c, s, FusionOptions(mode="merge", style_strength=style_strength))
+        with torch.no_grad(), attached(plan, c, s, targets, StepClock()) as hooks:
+            out = lin(x)
+        return out, {(kind, strength) for kind, _, strength in counts.prepared}, hooks
+
+    first, prepared, hooks1 = run(1.0)
+    assert prepared == {("lora", 1.0), ("full", 1.0)}
+    style_path = hooks1._layers[0].style
+    assert style_path._cache  # kept after remove: the cache holds it
+    second, prepared, _ = run(0.5)  # content touched first, so the style at 1.0 is the oldest entry
+    assert prepared == {("full", 0.5)}
+    assert not torch.equal(first, second)
+    assert cache_info()["files"] == 2 and cache_info()["size"] == 2
+    assert not style_path._cache  # evicted: its device copies are freed
+    third, prepared, _ = run(1.0)
+    assert prepared == {("full", 1.0)}  # prepared anew; the content at 1.0 was still cached
+    assert torch.equal(first, third)
+    set_cache_size(1)
+    assert cache_info()["files"] == 1
+    set_cache_size(0)
+    assert cache_info()["files"] == cache_info()["pairs"] == cache_info()["paths"] == 0
+
+
+def test_clear_cache_frees_copies_and_attached_hooks_keep_working(tmp_path, monkeypatch):
+    c, s, targets, x = _lin_pair(tmp_path)
+    lin = targets["unet/a"].module
+    plan = make_plan(c, s, FusionOptions(mode="merge"))
+    counts = _Counts(monkeypatch)
+    with torch.no_grad(), attached(plan, c, s, targets, StepClock()) as hooks:
+        want = lin(x)
+        paths = [h.content for h in hooks._layers] + [h.style for h in hooks._layers]
+        assert cache_info()["files"] == 2 and cache_info()["paths"] > 0
+        clear_cache()
+        assert cache_info() == {"files": 0, "size": cache_info()["size"], "pairs": 0, "paths": 0,
+                                "hits": 0, "misses": 0}
+        assert not any(p._cache for p in paths)
+        assert torch.equal(lin(x), want)  # new copies, made again on this call
+        assert any(p._cache for p in paths)
+    assert not any(p._cache for p in paths)  # no longer cached: freed on removal
+    counts.reset()
+    with torch.no_grad(), attached(plan, c, s, targets, StepClock()):
+        assert torch.equal(lin(x), want)
+    assert counts.prepared and counts.copies
+
+
+def test_without_cache_hooks_free_their_copies_on_removal(tmp_path, monkeypatch):
+    c, s, targets, x = _lin_pair(tmp_path)
+    lin = targets["unet/a"].module
+    plan = make_plan(c, s, FusionOptions(mode="merge"))
+    set_cache_size(0)
+    counts = _Counts(monkeypatch)
+    for _ in range(2):
+        counts.reset()
+        with torch.no_grad(), attached(plan, c, s, targets, StepClock()) as hooks:
+            lin(x)
+            paths = [h.content for h in hooks._layers] + [h.style for h in hooks._layers]
+            assert all(p._cache for p in paths)
+        assert not any(p._cache for p in paths)
+        assert counts.prepared and counts.copies
+
+
+def test_cached_copies_made_in_inference_mode_serve_a_later_autograd_attach(tmp_path):
+    torch.manual_seed(18)
+    shapes = {"unet/lin": (12, 8)}
+    c = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=2, seed=1, scale_by=2.0))
+    s = read_lora(_write(tmp_path, "s", write_kohya, shapes, rank=3, seed=2))
+    plan = make_plan(c, s, FusionOptions(mode="merge"))  # both low-rank: one stacked path
+    lin = nn.Linear(8, 12).double()
+    ref = copy.deepcopy(lin)
+    with torch.no_grad():
+        ref.weight += (expected_delta(c.layers["unet/lin"], 1.0)[0]
+                       + expected_delta(s.layers["unet/lin"], 1.0)[0]).double()
+    targets = {"unet/lin": Target(lin)}
+    with torch.inference_mode(), attached(plan, c, s, targets, StepClock()) as hooks:
+        lin(torch.randn(2, 8, dtype=torch.float64))
+        first = hooks._layers[0]._both._cache
+    copies = [t for ts in first.values() for t in ts if t is not None]
+    assert copies and not any(t.is_inference() for t in copies)
+    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    with attached(plan, c, s, targets, StepClock()) as hooks:
+        y = lin(x)
+        y.sum().backward()
+        again = [t for ts in hooks._layers[0]._both._cache.values() for t in ts if t is not None]
+    assert len(again) == len(copies) and all(a is b for a, b in zip(again, copies, strict=True))
+    x2 = x.detach().clone().requires_grad_(True)
+    ref(x2).sum().backward()
+    torch.testing.assert_close(y, ref(x.detach()))
+    torch.testing.assert_close(x.grad, x2.grad)
