@@ -668,6 +668,28 @@ def test_batch_count_reapplies_per_batch_and_cleans_between(sd15):
     sd15.assert_clean()
 
 
+def test_factors_are_reused_across_batches_and_freed_after_the_generation(sd15, monkeypatch):
+    from klora import apply
+
+    prepared: list[str] = []
+    real_low_rank = apply.low_rank
+
+    def counting_low_rank(layer, strength=1.0):
+        prepared.append(layer.key)
+        return real_low_rank(layer, strength)
+
+    monkeypatch.setattr(apply, "low_rank", counting_low_rank)
+    panel = sd15.panel(enabled=True, content="dog", style="watercolor")
+    sd15.generate(sd15.txt2img(steps=4, n_iter=1, panel=panel))
+    one_batch = len(prepared)
+    assert one_batch > 0
+    assert apply.cache_info()["files"] == 0  # nothing kept (no device memory) after postprocess
+    prepared.clear()
+    sd15.generate(sd15.txt2img(steps=4, n_iter=3, panel=panel))
+    assert len(prepared) == one_batch  # batches 2 and 3 took the factors batch 1 prepared
+    assert apply.cache_info()["files"] == 0
+    sd15.assert_clean()
+
 
 def test_a_failed_batch_warning_does_not_reach_the_next_batch(sd15):
     """Batches with their own prompts (modules/processing.py setup_prompts: a list prompt, as the prompt

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from modules import extra_networks, processing, sd_samplers_common, shared
 from torch import nn
 
-from klora import fusion
+from klora import apply, fusion
 from klora.apply import Hooks, StepClock, Target, attach
 from klora.delta import dense_delta, low_rank
 from klora.formats import LoraFile, LoraFormatError, LoraLayer, read_lora
@@ -917,6 +917,7 @@ def postprocess(p: Any, processed: Any) -> None:
     run.windows.clear()
     run.detach()
     _unwrap(p, run)
+    apply.clear_cache()  # factors are reused across the batches and passes of one generation, not kept after
     setup = run.last_setup
     if setup is not None and setup.args.show_map and processed is not None:
         try:
@@ -967,6 +968,7 @@ def on_script_unloaded() -> None:
     for r in runs:
         r.windows.clear()
         r.detach()
+    apply.clear_cache()
 
 
 # ------------------------------------------------------------------------------------------------------
