@@ -770,6 +770,83 @@ def test_second_order_sampler_counts_model_calls(sd15):
     sd15.assert_clean()
 
 
+def ddim_timesteps(session: Session, steps: int, **kw: Any) -> list[int]:
+    """The timestep of each UNet call of a DDIM txt2img run of ``steps`` steps (K-LoRA off)."""
+    timesteps: list[int] = []
+    active = [True]  # callbacks stay registered for the session: record during this run only
+
+    def record(params: Any) -> None:
+        if active:
+            timesteps.append(int(params.sigma[0].item()))
+
+    session.w.callbacks.on_cfg_denoiser(record)
+    try:
+        session.generate(session.txt2img(steps=steps, sampler_name="DDIM", **kw))
+    finally:
+        active.clear()
+    return timesteps
+
+
+def test_timestep_sampler_txt2img_tau(sd15):
+    """modules/sd_samplers_timesteps_impl.py ddim: a 10-step run makes 9 calls, call j at timestep index
+    9 - j of the 10 (1000 // 10 apart), τ = j / 10."""
+    timesteps = ddim_timesteps(sd15, 10)
+    assert timesteps == [901 - 100 * j for j in range(9)]
+    obs = Observer(sd15)
+    sd15.generate(sd15.txt2img(steps=10, sampler_name="DDIM",
+                               panel=sd15.panel(enabled=True, content="dog", style="watercolor")))
+    obs.remove()
+    assert [c["total"] for c in obs.calls] == [10] * 9
+    check_calls(sd15, obs, expected_plan(sd15), [j / 10 for j in range(9)])
+    sd15.assert_clean()
+
+
+@pytest.mark.parametrize("steps, denoise, length", [(10, 0.8, 10), (30, 0.8, 31)])
+def test_timestep_sampler_img2img_continues_tau(sd15, steps, denoise, length):
+    """DDIM img2img (CompVisSampler.sample_img2img) runs timesteps[:t_enc]: t_enc - 1 calls at indices
+    t_enc - 1 … 1 — call i uses the timestep of txt2img call L - t_enc + i (L timesteps: 10 for 10 steps,
+    31 for 30, as 1000 // 30 = 33), so τ = (L - t_enc + i) / steps."""
+    reference = ddim_timesteps(sd15, steps)
+    assert len(reference) == length - 1
+    timesteps: list[int] = []
+    obs = Observer(sd15, on_call=lambda index, params: timesteps.append(int(params.sigma[0].item())))
+    p = sd15.img2img(steps=steps, denoise=denoise, sampler_name="DDIM",
+                     panel=sd15.panel(enabled=True, content="dog", style="watercolor"))
+    sd15.generate(p)
+    obs.remove()
+    t_enc = int(denoise * steps)
+    taus = [(length - t_enc + i) / steps for i in range(t_enc - 1)]
+    assert [c["total"] for c in obs.calls] == [t_enc + 1] * (t_enc - 1)
+    assert timesteps == [reference[round(tau * steps)] for tau in taus]
+    plan = expected_plan(sd15)
+    # what the k-diffusion split (steps - t_enc - 1 skipped) would give instead
+    kdiffusion_split = [(steps - t_enc - 1 + i) / steps for i in range(t_enc - 1)]
+    assert differs_from(plan, shared_keys(plan), taus, kdiffusion_split)
+    check_calls(sd15, obs, plan, taus)
+    sd15.assert_clean()
+
+
+def test_timestep_sampler_hires_pass_continues_tau(sd15):
+    """DDIM hires pass: setup_img2img_steps(p, 6) at denoise 0.5 → a 12-step schedule (13 timesteps,
+    1000 // 12 = 83 apart), t_enc 5: 4 calls at τ = (13 - 5 + i) / 12, after the first pass's 9 at j / 10."""
+    reference = ddim_timesteps(sd15, 12)
+    timesteps: list[int] = []
+    obs = Observer(sd15, on_call=lambda index, params: timesteps.append(int(params.sigma[0].item())))
+    panel = sd15.panel(enabled=True, content="dog", style="watercolor")
+    p = sd15.txt2img(steps=10, sampler_name="DDIM", enable_hr=True, hr_second_pass_steps=6,
+                     denoising_strength=0.5, panel=panel)
+    sd15.generate(p)
+    obs.remove()
+    first = [j / 10 for j in range(9)]
+    second = [(8 + i) / 12 for i in range(4)]
+    assert [c["hr"] for c in obs.calls] == [False] * 9 + [True] * 4
+    assert timesteps[9:] == [reference[8 + i] for i in range(4)]
+    plan = expected_plan(sd15)
+    assert differs_from(plan, shared_keys(plan), second, [(6 + i) / 12 for i in range(4)])
+    check_calls(sd15, obs, plan, first + second)
+    sd15.assert_clean()
+
+
 def test_refiner_switch_detaches_for_the_rest_of_the_pass(sdxl):
     obs = Observer(sdxl)
     p = sdxl.txt2img(steps=6, refiner_checkpoint="refiner.safetensors", refiner_switch_at=0.5,
@@ -1139,3 +1216,7 @@ def test_pass_schedule_matches_setup_img2img_steps(webui):
     t.is_hr_pass = True
     assert webui.a1111.pass_schedule(t) == (int(10 / 0.7) - 10, int(10 / 0.7))
     assert math.isclose(webui.a1111.pass_schedule(t)[0] / webui.a1111.pass_schedule(t)[1], 4 / 14)
+    # a timestep sampler (modules/sd_samplers_timesteps.py): L - t_enc skipped, L = len(get_timesteps(…))
+    ddim = webui.processing.sd_samplers.create_sampler("DDIM", None).model_wrap_cfg
+    assert webui.a1111.pass_schedule(p, ddim) == (20 - int(0.3 * 20), 20)
+    assert webui.a1111.pass_schedule(t, ddim) == (len(range(0, 1000, 1000 // 14)) - 9, 14)

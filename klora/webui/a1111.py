@@ -54,6 +54,11 @@ from klora.formats import LoraFile, LoraFormatError, LoraLayer, read_lora
 from klora.keys import module_targets
 from klora.webui import common
 
+try:  # the timestep samplers (DDIM, DDIM CFG++, PLMS, UniPC), since 1.6; a host may lack them
+    from modules.sd_samplers_timesteps import CFGDenoiserTimesteps
+except Exception:  # pragma: no cover - depends on the host
+    CFGDenoiserTimesteps = None
+
 log = logging.getLogger("klora")
 
 RUN_ATTR = "_klora"
@@ -724,11 +729,16 @@ class _Run:
 
     def set_progress(self, denoiser: Any) -> None:
         """τ = (skipped + step) / (skipped + total) in denoiser calls (second-order samplers count two per
-        step: ``total_steps`` = 2 × steps, as A1111's prompt editing counts)."""
+        step: ``total_steps`` = 2 × steps, as A1111's prompt editing counts); τ = (skipped + step) / full for
+        the timestep samplers, whose ``total_steps`` (``t_enc + 1``) is not the count of calls left."""
         step, total = int(denoiser.step), int(denoiser.total_steps or 0)
         if total <= 0:
             return
-        skipped, _ = pass_schedule(self.p)
+        skipped, full = pass_schedule(self.p, denoiser)
+        if _uses_timesteps(denoiser):
+            if full > 0:
+                self.clock.set_step(step, full - skipped, skipped)
+            return
         per_step = max(1, total // max(1, int(getattr(denoiser, "steps", None) or total)))
         self.clock.set_step(step, total, skipped * per_step)
 
@@ -739,17 +749,53 @@ class _Run:
         self._fallback_last = params.sampling_step
         total = int(params.total_sampling_steps or 0)
         if total > 0:
-            skipped, _ = pass_schedule(self.p)
-            self.clock.set_step(min(self._fallback_calls, total), total, skipped)
+            skipped, full = pass_schedule(self.p)
+            if _uses_timesteps(_pass_denoiser(self.p)):
+                if full > 0:
+                    self.clock.set_step(self._fallback_calls, full - skipped, skipped)
+            else:
+                self.clock.set_step(min(self._fallback_calls, total), total, skipped)
         self._fallback_calls += 1
 
 
-def pass_schedule(p: Any) -> tuple[int, int]:
-    """(schedule steps skipped before this pass starts, steps of the full schedule) for ``p``'s current pass.
+def _uses_timesteps(denoiser: Any) -> bool:
+    return CFGDenoiserTimesteps is not None and isinstance(denoiser, CFGDenoiserTimesteps)
+
+
+def _pass_denoiser(p: Any) -> Any:
+    """The CFG denoiser of ``p``'s sampler (``p.sampler`` is set before each pass's sampling starts)."""
+    return getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
+
+
+def _timesteps_length(denoiser: Any, steps: int) -> int:
+    """Length of the timestep array of a ``steps``-step schedule: modules/sd_samplers_timesteps.py
+    ``CompVisSampler.get_timesteps`` (``range(0, 1000, 1000 // steps)``, one step more when the penultimate
+    sigma is discarded); equal to ``steps`` when ``steps`` divides 1000, longer otherwise (30 → 31)."""
+    config = getattr(getattr(denoiser, "sampler", None), "config", None)
+    options = getattr(config, "options", None) or {}
+    discard = bool(options.get("discard_next_to_last_sigma", False))
+    discard = discard or bool(getattr(shared.opts, "always_discard_next_to_last_sigma", False))
+    n = max(1, steps + (1 if discard else 0))
+    return len(range(0, 1000, max(1, 1000 // n)))
+
+
+def pass_schedule(p: Any, denoiser: Any = None) -> tuple[int, int]:
+    """(schedule steps skipped before this pass starts, steps of the full schedule) for ``p``'s current pass,
+    for the sampler of ``denoiser`` (default: ``p.sampler``'s).
 
     modules/sd_samplers_common.py ``setup_img2img_steps``: an img2img pass (and the hires pass, which passes
-    its step count explicitly and so takes the fix-steps branch) runs the last ``t_enc + 1`` steps of a
-    ``steps``-step schedule.
+    its step count explicitly and so takes the fix-steps branch) splits a ``steps``-step schedule at
+    ``t_enc``. k-diffusion samplers (modules/sd_samplers_kdiffusion.py ``sample_img2img``) run its last
+    ``t_enc + 1`` sigmas: ``steps - t_enc - 1`` skipped. The timestep samplers
+    (modules/sd_samplers_timesteps.py ``CompVisSampler.sample_img2img``) run ``timesteps[:t_enc]``, whose
+    ``t_enc - 1`` DDIM steps use the timestep indices ``t_enc - 1`` … 1; txt2img over the ``L`` timesteps
+    of the same schedule uses index ``L - 1 - j`` at call ``j``, so img2img call ``i`` is txt2img call
+    ``L - t_enc + i``: ``L - t_enc`` skipped, ``L = steps`` unless ``steps`` does not divide 1000.
+    DDIM CFG++ calls as DDIM. PLMS over n timesteps calls twice on its first step (indices n - 1, n - 2), then
+    once (call k at index n - k): the same shift holds for every call but the first. UniPC
+    (``uni_pc.sample(steps=len(timesteps), t_start=timesteps[-1] / 1000 + 1 / 1000)``) re-spaces its own
+    continuous times: ``t_enc`` calls over ``[≈ (t_enc - 1) / steps, 0]``, so its first call's τ is about
+    ``1 / steps`` before where its noise sits, and the gap closes towards the end of the pass.
     """
     if getattr(p, "is_hr_pass", False):
         hr_steps = getattr(p, "hr_second_pass_steps", 0) or p.steps
@@ -758,7 +804,12 @@ def pass_schedule(p: Any) -> tuple[int, int]:
         steps, t_enc = sd_samplers_common.setup_img2img_steps(p)
     else:
         return 0, int(p.steps)
-    return max(0, int(steps) - int(t_enc) - 1), int(steps)
+    steps, t_enc = int(steps), int(t_enc)
+    if denoiser is None:
+        denoiser = _pass_denoiser(p)
+    if _uses_timesteps(denoiser):
+        return max(0, _timesteps_length(denoiser, steps) - t_enc), steps
+    return max(0, steps - t_enc - 1), steps
 
 
 def _private_cond_caches(p: Any) -> None:

@@ -1,10 +1,11 @@
-"""Mirror of modules/sd_samplers.py (A1111 v1.10.1): find_sampler_config and create_sampler."""
+"""Mirror of modules/sd_samplers.py (A1111 v1.10.1): all_samplers, find_sampler_config and create_sampler."""
 
 from __future__ import annotations
 
-from modules import sd_samplers_kdiffusion
+from modules import sd_samplers_kdiffusion, sd_samplers_timesteps
 
-all_samplers = sd_samplers_kdiffusion.all_samplers
+# modules/sd_samplers.py: all_samplers (k-diffusion, then the timestep samplers)
+all_samplers = [*sd_samplers_kdiffusion.all_samplers, *sd_samplers_timesteps.samplers_data_timesteps]
 all_samplers_map = {x.name: x for x in all_samplers}
 
 

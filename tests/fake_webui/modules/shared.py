@@ -21,6 +21,7 @@ options_templates: dict[str, options.OptionInfo] = {
     ),
     "hires_fix_refiner_pass": OptionInfo("second pass", "Hires fix: which pass to enable refiner for"),
     "lora_in_memory_limit": OptionInfo(0, "Number of Lora networks to keep cached in memory"),
+    "always_discard_next_to_last_sigma": OptionInfo(False, "Always discard next-to-last sigma"),
 }
 
 # modules/shared.py: opts = options.Options(options_templates, restricted_opts)
