@@ -281,8 +281,14 @@ class Coverage:
         return ", ".join(parts)
 
 
-def cover(plan: fusion.Plan, content: LoraFile, style: LoraFile, targets: ModelTargets) -> Coverage:
-    """Which planned layers can be applied to the model (name found and every delta's shape fits)."""
+def cover(plan: fusion.Plan, content: LoraFile, style: LoraFile, targets: Any,
+          site_shape: Callable[[Any, str], tuple[int, ...] | None] | None = None) -> Coverage:
+    """Which planned layers can be applied to the model (name found and every delta's shape fits).
+
+    ``targets`` is anything that answers ``key in targets``; ``site_shape(targets, key)`` gives the weight
+    shape a delta must fit there (default: this module's :class:`ModelTargets` lookup; Forge passes its own).
+    """
+    site_shape = site_shape or _site_shape
     cov = Coverage()
     for key, lp in plan.layers.items():
         shared_layer = lp.source == "shared"
@@ -290,7 +296,7 @@ def cover(plan: fusion.Plan, content: LoraFile, style: LoraFile, targets: ModelT
         if key not in targets:
             cov.missing.append(key)
             continue
-        site = _site_shape(targets, key)
+        site = site_shape(targets, key)
         layers = [f.layers[key] for f in (content, style) if key in f.layers]
         if site is None or any(_squeeze(layer.shape) != site for layer in layers):
             cov.mismatched.append(key)

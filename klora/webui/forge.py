@@ -276,30 +276,11 @@ def target_shape(target: Target) -> tuple[int, ...] | None:
     return shape[:2] if kernel == (1, 1) else shape
 
 
-def _squeeze(shape: Iterable[int]) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in shape)
-    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
-
-
 def cover(plan: fusion.Plan, content: LoraFile, style: LoraFile,
           targets: dict[str, Target]) -> a1111.Coverage:
-    """Which planned layers can be applied (a module found and every delta's shape fits it)."""
-    cov = a1111.Coverage()
-    for key, lp in plan.layers.items():
-        shared_layer = lp.source == "shared"
-        cov.shared_total += shared_layer
-        target = targets.get(key)
-        if target is None:
-            cov.missing.append(key)
-            continue
-        site = target_shape(target)
-        layers = [f.layers[key] for f in (content, style) if key in f.layers]
-        if site is None or any(_squeeze(layer.shape) != site for layer in layers):
-            cov.mismatched.append(key)
-            continue
-        cov.mapped.append(key)
-        cov.shared_mapped += shared_layer
-    return cov
+    """Which planned layers can be applied (a module found and every delta's shape fits it): a1111's check
+    with Forge's shapes (``in_features``/``out_features``, since an NF4 weight's stored shape is packed)."""
+    return a1111.cover(plan, content, style, targets, lambda t, key: target_shape(t[key]))
 
 
 def factor_nbytes(setup: a1111._Setup, dtype: torch.dtype) -> int:
