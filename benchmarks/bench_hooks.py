@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from klora.apply import StepClock, Target, attached
 from klora.delta import dense_delta
 from klora.formats import read_lora
-from klora.fusion import FusionOptions, make_plan
-from klora.keys import module_targets
+from klora.fusion import make_plan
+from klora.keys.sd import module_targets
+from klora.options import FusionOptions
 
 SD15_UNET = {
     "sample_size": 64,

@@ -35,8 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from klora.delta import dense_delta
-from klora.formats import LoraFile, LoraLayer
-from klora.fusion import FusionOptions, clear_cache, layer_rank, make_plan
+from klora.fusion import make_plan
+from klora.layers import LoraFile, LoraLayer
+from klora.options import FusionOptions
+from klora.scores import clear_cache, layer_rank
 from tests.synth import sdxl_unet_shapes, select
 
 

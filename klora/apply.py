@@ -20,32 +20,38 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .delta import bias_delta, dense_delta, low_rank
-from .formats import LoraFile, LoraFormatError, LoraLayer
+from klora import kinds
+from klora.cache import LRU
+from klora.delta import bias_delta, dense_delta, low_rank
+from klora.layers import LoraFile, LoraFormatError, LoraLayer, layout
 
 if TYPE_CHECKING:
-    from .fusion import Plan
+    from klora.fusion import Plan
 
 __all__ = [
+    "Coverage",
     "Hooks",
     "ShapeMismatchError",
+    "Site",
     "StepClock",
     "Target",
     "attach",
     "attached",
     "cache_info",
     "clear_cache",
+    "cover",
+    "hook_bytes",
     "set_cache_size",
+    "site",
 ]
 
 
@@ -55,11 +61,14 @@ class ShapeMismatchError(LoraFormatError):
 
 @dataclass(frozen=True)
 class Target:
-    """The module a canonical layer key patches; ``rows`` selects output rows of a fused layer
-    (for example the q rows of a fused qkv Linear), ``None`` means the whole output."""
+    """The module a canonical layer key patches. ``rows`` selects output rows of a fused layer (for example
+    the q rows of a fused qkv Linear), ``None`` means the whole output. ``part`` names the projection of an
+    ``nn.MultiheadAttention`` (``q``, ``k``, ``v``, ``out``), whose weights are parameters, not modules
+    (:mod:`klora.mha`)."""
 
     module: nn.Module
     rows: slice | None = None
+    part: str | None = None
 
 
 class StepClock:
@@ -302,14 +311,17 @@ def _combine(a: _Path, b: _Path) -> _Path | _Sum:
 
 
 @dataclass(frozen=True)
-class _Site:
-    """What a delta must fit: the module kind and the weight shape (of the selected rows)."""
+class Site:
+    """What a delta must fit where it lands: the module kind, the weight shape (of the selected rows) and the
+    conv geometry. Sizes come from the module's declared features/channels, never from its stored weight
+    (packed for NF4 and GGUF)."""
 
     conv: bool
     shape: tuple[int, ...]  # (out, in) or (out, in, kh, kw); out counts the selected rows only
     full_out: int
     rows: slice | None
     geo: _ConvGeometry | None
+    mha: bool = False  # a projection of an nn.MultiheadAttention (klora.mha)
 
     @property
     def described(self) -> str:
@@ -318,8 +330,14 @@ class _Site:
         return f"{self.shape} (rows {self.rows.start}:{self.rows.stop} of {self.full_out})"
 
 
-def _site(key: str, target: Target) -> _Site:
+def site(key: str, target: Target) -> Site:
+    """The :class:`Site` of a target; ``ValueError`` for a module no hook can patch."""
     m = target.module
+    if target.part is not None:
+        if not isinstance(m, nn.MultiheadAttention) or target.part not in ("q", "k", "v", "out"):
+            raise ValueError(f"{key}: part {target.part!r} of a {type(m).__name__}")
+        dim = int(m.embed_dim)
+        return Site(False, (dim, dim), dim, None, None, mha=True)
     if isinstance(m, nn.Conv2d) or (hasattr(m, "kernel_size") and hasattr(m, "in_channels")):
         kernel = tuple(m.kernel_size)
         if len(kernel) != 2:
@@ -345,14 +363,67 @@ def _site(key: str, target: Target) -> _Site:
         if n <= 0:
             raise ValueError(f"{key}: rows {rows!r} select nothing of {out} output features")
         rows = slice(start, stop)
-    return _Site(conv, (n, inp, *tail), out, rows, geo)
+    return Site(conv, (n, inp, *tail), out, rows, geo)
 
 
-def _squeeze_1x1(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
+@dataclass
+class Coverage:
+    """How a plan's layers map onto a model's targets."""
+
+    mapped: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # no module of that name
+    mismatched: list[str] = field(default_factory=list)  # a module, but a delta does not fit it
+    shared_mapped: int = 0
+    shared_total: int = 0
+
+    def describe(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} with no module in this model")
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} whose shape does not fit")
+        return ", ".join(parts)
 
 
-def _mismatch(file: LoraFile, layer: LoraLayer, site: _Site, what: str) -> ShapeMismatchError:
+def cover(plan: Plan, content: LoraFile, style: LoraFile, targets: Mapping[str, Target]) -> Coverage:
+    """Which planned layers can be applied: a target found and every delta's :func:`layout` equal to the
+    site's (the check :func:`attach` makes, without preparing anything)."""
+    cov = Coverage()
+    for key, lp in plan.layers.items():
+        shared = lp.source == "shared"
+        cov.shared_total += shared
+        target = targets.get(key)
+        if target is None:
+            cov.missing.append(key)
+            continue
+        try:
+            shape = layout(site(key, target).shape)
+        except ValueError:
+            shape = None
+        if shape is None or any(f.layers[key].layout != shape for f in (content, style) if key in f.layers):
+            cov.mismatched.append(key)
+            continue
+        cov.mapped.append(key)
+        cov.shared_mapped += shared
+    return cov
+
+
+def hook_bytes(plan: Plan, content: LoraFile, style: LoraFile, keys: Iterable[str],
+               dtype: torch.dtype) -> int:
+    """Bytes the hooks of ``keys`` hold on the compute device in ``dtype``: each kind's factors (or dense
+    delta, :meth:`klora.kinds.base.Kind.hook_numel`), once more for layers that apply both deltas
+    (stacked)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for key in keys:
+        numel = sum(kinds.of(f.layers[key]).hook_numel(f.layers[key]) for f in (content, style)
+                    if key in f.layers)
+        lp = plan.layers.get(key)
+        total += numel * (2 if lp is not None and lp.constant == "both" else 1)
+    return total * size
+
+
+def _mismatch(file: LoraFile, layer: LoraLayer, site: Site, what: str) -> ShapeMismatchError:
     return ShapeMismatchError(
         file.path,
         f"{what} {tuple(layer.shape)} does not fit the module weight {site.described}; "
@@ -361,10 +432,10 @@ def _mismatch(file: LoraFile, layer: LoraLayer, site: _Site, what: str) -> Shape
     )
 
 
-def _prepare(file: LoraFile, layer: LoraLayer, strength: float, site: _Site) -> _Path:
+def _prepare(file: LoraFile, layer: LoraLayer, strength: float, site: Site) -> _Path:
     """Fold scale and strength into factors shaped for ``site`` (checked), or the dense ΔW for kinds
     without a cheap factorisation. A Linear and a 1×1 conv accept each other's layouts."""
-    if _squeeze_1x1(tuple(layer.shape)) != _squeeze_1x1(site.shape):
+    if layer.layout != layout(site.shape):
         raise _mismatch(file, layer, site, "LoRA layer shape")
     out, inp = site.shape[:2]
     kernel = site.shape[2:]
@@ -406,7 +477,7 @@ def _prepare(file: LoraFile, layer: LoraLayer, strength: float, site: _Site) -> 
 
 
 _UnitKey = tuple[str, float]  # (file sha256, strength)
-_SiteKey = tuple[Any, ...]  # (layer key, conv, weight shape, conv geometry): all a prepared path depends on
+SiteKey = tuple[Any, ...]  # (layer key, conv, weight shape, conv geometry): all a prepared path depends on
 
 
 class _Bucket:
@@ -419,11 +490,11 @@ class _Bucket:
     def __init__(self, key: Any) -> None:
         self.key = key
         self.live = True
-        self.paths: dict[_SiteKey, _Path] = {}
+        self.paths: dict[SiteKey, _Path] = {}
 
 
 class _FactorCache:
-    """LRU of prepared factors, at most ``size`` (file sha256, strength) entries.
+    """Prepared factors of at most ``size`` (file sha256, strength) entries, least recently used dropped.
 
     An entry holds what ``attach`` prepared for that file at that strength: the fp32 CPU factors (dense
     ΔW only for kinds without a factorisation) of every site it was attached to, and their copies per
@@ -435,10 +506,9 @@ class _FactorCache:
     """
 
     def __init__(self, size: int) -> None:
-        self.size = size
-        self._units: OrderedDict[_UnitKey, _Bucket] = OrderedDict()
+        self._units: LRU[_Bucket] = LRU(size, on_evict=self._evicted)
         self._pairs: dict[tuple[_UnitKey, _UnitKey], _Bucket] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.hits = 0
         self.misses = 0
 
@@ -449,25 +519,21 @@ class _FactorCache:
             path.clear()
         bucket.paths.clear()
 
-    def _evict(self, size: int) -> None:
-        while len(self._units) > size:
-            key, bucket = self._units.popitem(last=False)
-            self._drop(bucket)
-            for pk in [pk for pk in self._pairs if key in pk]:
-                self._drop(self._pairs.pop(pk))
+    def _evicted(self, key: Any, bucket: _Bucket) -> None:
+        self._drop(bucket)
+        for pk in [pk for pk in self._pairs if key in pk]:
+            self._drop(self._pairs.pop(pk))
+
+    @property
+    def size(self) -> int:
+        return self._units.size
 
     def unit(self, file: LoraFile, strength: float) -> _Bucket | None:
-        if not file.sha256 or self.size <= 0:
+        if not file.sha256:
             return None
         key = (file.sha256, float(strength))
         with self._lock:
-            bucket = self._units.get(key)
-            if bucket is None:
-                bucket = self._units[key] = _Bucket(key)
-                self._evict(self.size)
-            else:
-                self._units.move_to_end(key)
-            return bucket
+            return self._units.setdefault(key, lambda: _Bucket(key)) if self._units.size > 0 else None
 
     def pair(self, content: _Bucket | None, style: _Bucket | None) -> _Bucket | None:
         if content is None or style is None:
@@ -481,7 +547,7 @@ class _FactorCache:
                 bucket = self._pairs[key] = _Bucket(key)
             return bucket
 
-    def get(self, bucket: _Bucket, key: _SiteKey) -> _Path | None:
+    def get(self, bucket: _Bucket, key: SiteKey) -> _Path | None:
         with self._lock:
             path = bucket.paths.get(key)
             if path is None:
@@ -490,26 +556,25 @@ class _FactorCache:
                 self.hits += 1
             return path
 
-    def put(self, bucket: _Bucket, key: _SiteKey, path: _Path) -> None:
+    def put(self, bucket: _Bucket, key: SiteKey, path: _Path) -> None:
         with self._lock:
             if bucket.live:
                 bucket.paths[key] = path
 
     def resize(self, size: int) -> None:
         with self._lock:
-            self.size = size
-            self._evict(max(size, 0))
+            self._units.resize(size)
 
     def clear(self) -> None:
         with self._lock:
-            self._evict(0)
+            self._units.clear()
             self.hits = self.misses = 0
 
     def info(self) -> dict[str, int]:
         with self._lock:
-            return {"files": len(self._units), "size": self.size, "pairs": len(self._pairs),
-                    "paths": sum(len(b.paths) for b in (*self._units.values(), *self._pairs.values())),
-                    "hits": self.hits, "misses": self.misses}
+            buckets = [*self._units.values(), *self._pairs.values()]
+            return {"files": len(self._units), "size": self._units.size, "pairs": len(self._pairs),
+                    "paths": sum(len(b.paths) for b in buckets), "hits": self.hits, "misses": self.misses}
 
 
 _DEFAULT_FILES = 2  # one content+style pair at one strength each: the repeated batches of one generation
@@ -533,12 +598,12 @@ def cache_info() -> dict[str, int]:
     return _cache.info()
 
 
-def _site_key(key: str, site: _Site) -> _SiteKey:
+def _site_key(key: str, site: Site) -> SiteKey:
     return (key, site.conv, site.shape, site.geo)
 
 
 def _prepared(bucket: _Bucket | None, file: LoraFile, layer: LoraLayer, strength: float,
-              site: _Site) -> _Path:
+              site: Site) -> _Path:
     """:func:`_prepare`, reusing the bucket's path for the same site (same tensors: same file content,
     layer, strength and weight shape)."""
     if bucket is None:
@@ -556,9 +621,9 @@ class _LayerHook:
 
     __slots__ = ("_both", "_buckets", "_skey", "active", "content", "key", "rows", "style")
 
-    def __init__(self, key: str, content: _Path | None, style: _Path | None, site: _Site,
+    def __init__(self, key: str, content: _Path | None, style: _Path | None, site: Site,
                  buckets: tuple[_Bucket | None, _Bucket | None, _Bucket | None] = (None, None, None),
-                 site_key: _SiteKey = ()) -> None:
+                 site_key: SiteKey = ()) -> None:
         self.key = key
         self.content = content
         self.style = style
@@ -684,19 +749,23 @@ class Hooks:
 
 
 def attach(plan: Plan, content: LoraFile, style: LoraFile, targets: Mapping[str, Target],
-           clock: StepClock) -> Hooks:
-    """Prepare every planned layer that has a target and hook it. Keys without a target are listed in
-    ``Hooks.missing``. A layer that does not fit its module raises ``ShapeMismatchError`` and nothing is
-    attached. Factors (and their device copies) prepared by an earlier attach of the same file content at
-    the same strength for the same weight shape are reused (see :func:`set_cache_size`)."""
+           clock: StepClock, keys: Iterable[str] | None = None) -> Hooks:
+    """Prepare every planned layer (of ``keys``, default all) that has a target and hook it. Keys without a
+    target are listed in ``Hooks.missing``. A layer that does not fit its module raises ``ShapeMismatchError``
+    and nothing is attached. Factors (and their device copies) prepared by an earlier attach of the same file
+    content at the same strength for the same weight shape are reused (see :func:`set_cache_size`). Parts of
+    an ``nn.MultiheadAttention`` get one :class:`klora.mha.MhaHook` per module."""
+    from klora.mha import MhaHook
+
     opts = plan.options
     c_bucket = _cache.unit(content, opts.content_strength)
     s_bucket = _cache.unit(style, opts.style_strength)
     buckets = (c_bucket, s_bucket, _cache.pair(c_bucket, s_bucket))
     layers: list[_LayerHook] = []
     modules: list[nn.Module] = []
+    mha_parts: dict[int, tuple[nn.Module, dict[str, str]]] = {}
     missing: list[str] = []
-    for key in plan.layers:
+    for key in plan.layers if keys is None else keys:
         target = targets.get(key)
         if target is None:
             missing.append(key)
@@ -705,14 +774,21 @@ def attach(plan: Plan, content: LoraFile, style: LoraFile, targets: Mapping[str,
         if c is None and s is None:
             raise ValueError(f"{key}: the plan names a layer that neither {content.name} "
                              f"nor {style.name} has")
-        site = _site(key, target)
+        where = site(key, target)
+        for f, layer in ((content, c), (style, s)):
+            if layer is not None and layer.layout != layout(where.shape):
+                raise _mismatch(f, layer, where, "LoRA layer shape")
+        if where.mha:
+            assert target.part is not None
+            mha_parts.setdefault(id(target.module), (target.module, {}))[1][target.part] = key
+            continue
         layers.append(_LayerHook(
             key,
-            None if c is None else _prepared(c_bucket, content, c, opts.content_strength, site),
-            None if s is None else _prepared(s_bucket, style, s, opts.style_strength, site),
-            site,
+            None if c is None else _prepared(c_bucket, content, c, opts.content_strength, where),
+            None if s is None else _prepared(s_bucket, style, s, opts.style_strength, where),
+            where,
             buckets,
-            _site_key(key, site),
+            _site_key(key, where),
         ))
         modules.append(target.module)
     hooks = Hooks(plan, clock, layers, missing)
@@ -720,6 +796,10 @@ def attach(plan: Plan, content: LoraFile, style: LoraFile, targets: Mapping[str,
         hooks._refresh(clock.tau)
         for module, h in zip(modules, layers, strict=True):
             hooks._handles.append(module.register_forward_hook(h, with_kwargs=True))
+        for module, parts in mha_parts.values():
+            mha = MhaHook(module, parts, plan, content, style, clock)  # type: ignore[arg-type]
+            hooks._handles.append(module.register_forward_hook(mha, with_kwargs=True))
+            hooks.keys += tuple(parts.values())
         clock._subscribe(hooks._refresh)
         hooks._live = True
     except BaseException:
@@ -730,9 +810,9 @@ def attach(plan: Plan, content: LoraFile, style: LoraFile, targets: Mapping[str,
 
 @contextmanager
 def attached(plan: Plan, content: LoraFile, style: LoraFile, targets: Mapping[str, Target],
-             clock: StepClock) -> Iterator[Hooks]:
+             clock: StepClock, keys: Iterable[str] | None = None) -> Iterator[Hooks]:
     """``with attached(...) as hooks:`` — the hooks are removed when the block ends, also on error."""
-    hooks = attach(plan, content, style, targets, clock)
+    hooks = attach(plan, content, style, targets, clock, keys)
     try:
         yield hooks
     finally:

@@ -13,9 +13,11 @@ import os
 import sys
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
+from klora import options
+
 if TYPE_CHECKING:
-    from klora.formats import LoraFile
     from klora.fusion import Plan
+    from klora.layers import LoraFile
 
 PROG = "python -m klora"
 MAX_STEPS = 1000
@@ -48,17 +50,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _finite(kind: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{kind} must be a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{kind} must be a finite number, got {text!r}")
-        return value
+def _option_type(name: str):
+    """argparse type of an option: :func:`klora.options.parse`, so the CLI accepts and refuses exactly what
+    the webui's tag and API do."""
 
-    return parse
+    def convert(text: str) -> Any:
+        try:
+            values = options.parse(name, text)
+        except options.OptionError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("K-LoRA argument ")) from None
+        if name == "gamma" and values["gamma"] == "manual":  # the CLI takes the number itself
+            if "gamma_value" not in values:
+                raise argparse.ArgumentTypeError(f"gamma must be auto, paper or a number > 0, got {text!r}")
+            return values["gamma_value"]
+        return values[name]
+
+    convert.__name__ = name  # argparse names the option's type in its messages
+    return convert
 
 
 def _steps(text: str) -> int:
@@ -68,18 +76,6 @@ def _steps(text: str) -> int:
         raise argparse.ArgumentTypeError(f"steps must be a whole number, got {text!r}") from None
     if not 1 <= value <= MAX_STEPS:
         raise argparse.ArgumentTypeError(f"steps must be between 1 and {MAX_STEPS}, got {value}")
-    return value
-
-
-def _gamma(text: str) -> str | float:
-    if text in ("auto", "paper"):
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"gamma must be auto, paper or a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"gamma must be a finite number above 0, got {text!r}")
     return value
 
 
@@ -109,27 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("content", metavar="CONTENT", help="content (subject) LoRA, .safetensors")
     p.add_argument("style", metavar="STYLE", help="style LoRA, .safetensors")
     p.add_argument("--steps", type=_steps, default=30, metavar="N", help="sampling steps (default 30)")
-    p.add_argument("--pattern", choices=("s", "s*"), default="s",
-                   help="scale S(tau) = alpha*tau + beta: 's' (paper, alpha 1.5, beta 0.5) or 's*' "
-                   "(official code, alpha 1.5, beta 1.275, S mod alpha); default s")
-    p.add_argument("--alpha", type=_finite("alpha"), default=None, metavar="A",
-                   help="alpha of S(tau) (default: the pattern's)")
-    p.add_argument("--beta", type=_finite("beta"), default=None, metavar="B",
-                   help="beta of S(tau) (default: the pattern's)")
-    p.add_argument("--gamma", type=_gamma, default="auto", metavar="auto|paper|VALUE",
-                   help="style scale: auto (mean of per-layer ratios, outliers cut), paper (eq. 9) or a "
-                   "number; default auto")
-    p.add_argument("--mode", choices=("klora", "topk", "fixed", "random", "merge"), default="klora",
-                   help="selection rule (default klora; the others are the paper's ablations)")
-    p.add_argument("--scope", choices=("all", "attention"), default="all",
-                   help="UNet layers K-LoRA decides: all shared ones, or attention projections only "
-                   "(others get both deltas); default all")
-    p.add_argument("--te", choices=("both", "content", "style", "none"), default="both",
-                   help="text-encoder layers: both deltas (default), content, style or none")
-    p.add_argument("--content-strength", type=_finite("content strength"), default=1.0, metavar="X",
-                   help="content LoRA strength (default 1)")
-    p.add_argument("--style-strength", type=_finite("style strength"), default=1.0, metavar="Y",
-                   help="style LoRA strength (default 1)")
+    for opt in options.engine_options():
+        metavar = {"gamma": "auto|paper|VALUE"}.get(opt.name, "|".join(opt.choices) if opt.choices else "X")
+        shown = f"; default {opt.default}" if opt.default is not None else ""
+        p.add_argument(opt.cli, dest=opt.name, type=_option_type(opt.name), default=opt.default,
+                       metavar=metavar, help=opt.help + shown)
     p.add_argument("--seed", type=_int("seed"), default=0, help="seed of mode random (default 0)")
     p.add_argument("--json", metavar="PATH|-", default=None, help="write the plan as JSON ('-': stdout)")
     p.add_argument("--png", metavar="PATH", default=None, help="write the selection map as PNG")
@@ -145,7 +125,8 @@ def _check_path(path: str, role: str) -> None:
 
 
 def _check_pair(content: LoraFile, style: LoraFile) -> None:
-    """Refuse pairs that cannot be fused: nothing shared, or shared layers of different shapes."""
+    """Refuse pairs that cannot be fused: nothing shared, or shared layers whose deltas do not fit each other
+    (:func:`klora.layers.layout`: a 1×1 conv stored flat by one file and 4-D by the other is one layer)."""
     shared = [key for key in content.layers if key in style.layers]
     hint = "(LoRAs for different base models?)"
     if not shared:
@@ -154,10 +135,10 @@ def _check_pair(content: LoraFile, style: LoraFile) -> None:
             and any(k.startswith("unet/") for k in style.layers):
         raise CliError(f"{content.name} and {style.name} have no UNet layer in common {hint}")
     for key in shared:
-        a, b = tuple(content.layers[key].shape), tuple(style.layers[key].shape)
-        if a != b:
-            raise CliError(f"{content.layers[key].file_key} has shape {a} in {content.name} but {b} in "
-                           f"{style.name} {hint}")
+        a, b = content.layers[key], style.layers[key]
+        if a.layout != b.layout:
+            raise CliError(f"{a.file_key} has shape {tuple(a.shape)} in {content.name} but {tuple(b.shape)} "
+                           f"in {style.name} {hint}")
 
 
 def _num(x: Any) -> float | None:
@@ -223,18 +204,16 @@ def inspect(args: argparse.Namespace) -> int:
     _check_path(args.style, "style")
     # torch is imported from here on (a second or more): bad paths and options are reported before that
     from klora.formats import read_lora
-    from klora.fusion import FusionOptions, make_plan
+    from klora.fusion import make_plan
+    from klora.options import FusionOptions
     from klora.viz import render_selection_map, summarize
 
     content = read_lora(args.content)
     style = read_lora(args.style)
-    options = FusionOptions(
-        pattern=args.pattern, alpha=args.alpha, beta=args.beta, gamma=args.gamma, mode=args.mode,
-        scope=args.scope, te=args.te, content_strength=args.content_strength,
-        style_strength=args.style_strength, seed=args.seed,
-    )
+    fusion_options = FusionOptions(**{o.name: getattr(args, o.name) for o in options.engine_options()},
+                                   seed=args.seed)
     _check_pair(content, style)
-    plan = make_plan(content, style, options)
+    plan = make_plan(content, style, fusion_options)
 
     out = sys.stderr if args.json == "-" else sys.stdout
     notes = []

@@ -1,431 +1,42 @@
-"""The K-LoRA rule: Top-K scores, γ, the time scale S(τ), comparison modes → a per-layer plan.
+"""The K-LoRA rule: γ, the time scale S(τ) and the comparison modes → a per-layer plan.
 
-For a layer both LoRAs patch (DESIGN §2):
+For a layer both LoRAs patch (scores from :mod:`klora.scores`: K, S_c, S_s, L1_c, L1_s of the effective
+deltas):
 
-* ``ΔW_c``, ``ΔW_s``: the effective deltas (strength × alpha/rank × the kind's product, as
-  :func:`klora.delta.dense_delta` builds them);
-* ``K = r_c · r_s`` clamped to the number of entries (see :func:`layer_rank` for kinds without a rank);
-* ``S = Σ Top-K |ΔW|`` and ``L1 = Σ |ΔW|`` for each side;
 * ``γ``: ``"auto"`` (the official code: mean of the per-layer ratios ``L1_c / L1_s``, ratios ≥ 3 × that
   mean dropped, mean of the rest), ``"paper"`` (eq. 9: ``Σ_l L1_c / Σ_l L1_s``) or a number;
-* ``S(τ) = α·τ + β`` (pattern ``s``: 1.5, 0.5; pattern ``s*``: 1.5, 1.275 and ``S ← S mod α``);
+* ``S(τ) = α·τ + β`` (pattern ``s``: 1.5, 0.5; pattern ``s*``: 1.5, 1.275 and ``S ← S mod α``,
+  :data:`klora.options.PATTERNS`);
 * content iff ``S_c > γ · S(τ) · S_s`` (strict), else style.
 
-Scores need the dense deltas once per pair; everything after (γ, thresholds, modes) is cheap. They are
-cached at two levels: per file and layer (the L1 and the sorted Top-K values of the unscaled |ΔW|,
-reused by every pairing and strength) and per pair (an LRU keyed by both files' sha256, the strengths and
-the scope). :func:`set_cache_size` and :func:`clear_cache` control both.
-
-Speed: the dense product is formed once per file and layer in float32 (a matmul, cheap), then three
-passes over it (abs, row sums for L1, chunk maxima) and ``topk`` over a few thousand candidates give the
-exact Top-K values (:func:`top_abs_values`); no full ``topk`` over millions of entries. Only the Top
-values (K floats) and the L1 are kept, never a dense ΔW. For an SDXL pair (560 attention projections,
-ranks 8 and 32) this takes 7–9× less CPU time than dense ΔW + ``torch.topk`` per layer
-(``benchmarks/bench_scoring.py``).
+Nothing but S(τ) depends on time, so a plan is made once per pair and options; each step is then one
+comparison per layer (:meth:`Plan.choose`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import re
 import struct
-import threading
-from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
+from klora.keys import is_text_encoder
+from klora.layers import LoraFile
+from klora.options import PATTERNS, FusionOptions
+from klora.scores import PairScores, pair_scores
 
-from .delta import dense_delta
-from .formats import LoraFile, LoraLayer
-
-__all__ = [
-    "Choice",
-    "FusionOptions",
-    "LayerPlan",
-    "LayerScore",
-    "PairScores",
-    "Plan",
-    "cache_info",
-    "clear_cache",
-    "is_attention",
-    "is_text_encoder",
-    "layer_rank",
-    "make_plan",
-    "pair_scores",
-    "set_cache_size",
-    "top_abs_values",
-]
+__all__ = ["Choice", "FusionOptions", "LayerPlan", "Plan", "make_plan"]
 
 Choice = Literal["content", "style", "both", "none"]
-Pattern = Literal["s", "s*"]
-Mode = Literal["klora", "topk", "fixed", "random", "merge"]
-Scope = Literal["all", "attention"]
-TePolicy = Literal["both", "content", "style", "none"]
 
 LETTERS: dict[str, str] = {"content": "C", "style": "S", "both": "B", "none": "-"}
-
-#: α, β of each pattern (paper: ``s``; official default, supplementary material: ``s*``).
-PATTERN_DEFAULTS: dict[str, tuple[float, float]] = {"s": (1.5, 0.5), "s*": (1.5, 1.275)}
 
 #: Probability of content per layer and step in mode ``random`` (the paper's ablation).
 RANDOM_CONTENT_P = 1.0 / 3.0
 
 #: γ "auto" drops per-layer ratios at or above this multiple of their mean (the official code).
 GAMMA_OUTLIER_FACTOR = 3.0
-
-_ATTENTION = re.compile(r"(?:^|_)attn\d*_to_(?:q|k|v|out_0)$")
-
-
-def is_text_encoder(key: str) -> bool:
-    """Text-encoder layers: components ``te1``, ``te2`` (and ``te3``, Flux's T5)."""
-    return key.partition("/")[0].startswith("te")
-
-
-def is_attention(key: str) -> bool:
-    """The attention projections of scope ``attention``: ``to_q``, ``to_k``, ``to_v``, ``to_out_0`` of an
-    attention module (UNet ``attn1``/``attn2``, Flux ``attn``), as the official SDXL and Flux-190 paths."""
-    return _ATTENTION.search(key.partition("/")[2]) is not None
-
-
-# ------------------------------------------------------------------------------------------------ options
-
-
-@dataclass(frozen=True)
-class FusionOptions:
-    """Everything that shapes a plan. ``alpha``/``beta`` None: the pattern's defaults."""
-
-    pattern: Pattern = "s"
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: Literal["auto", "paper"] | float = "auto"
-    mode: Mode = "klora"
-    scope: Scope = "all"
-    te: TePolicy = "both"
-    content_strength: float = 1.0
-    style_strength: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        def check(name: str, value: object, allowed: Iterable[str]) -> None:
-            if value not in tuple(allowed):
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-        check("pattern", self.pattern, PATTERN_DEFAULTS)
-        check("mode", self.mode, ("klora", "topk", "fixed", "random", "merge"))
-        check("scope", self.scope, ("all", "attention"))
-        check("te", self.te, ("both", "content", "style", "none"))
-        for name in ("alpha", "beta", "content_strength", "style_strength"):
-            value = getattr(self, name)
-            if value is None and name in ("alpha", "beta"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number; got {value!r}")
-        if isinstance(self.gamma, str):
-            check("gamma", self.gamma, ("auto", "paper"))
-        elif (isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float))
-              or not math.isfinite(self.gamma) or self.gamma <= 0):
-            raise ValueError(f"gamma must be auto, paper or a finite number > 0; got {self.gamma!r}")
-        if self.pattern == "s*" and self.resolved_alpha == 0:
-            raise ValueError("pattern s* takes S(tau) modulo alpha, so alpha must not be 0")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer; got {self.seed!r}")
-
-    @property
-    def resolved_alpha(self) -> float:
-        return float(PATTERN_DEFAULTS[self.pattern][0] if self.alpha is None else self.alpha)
-
-    @property
-    def resolved_beta(self) -> float:
-        return float(PATTERN_DEFAULTS[self.pattern][1] if self.beta is None else self.beta)
-
-
-# ------------------------------------------------------------------------------------------- Top-K sums
-
-#: Below this many entries a plain ``torch.topk`` is cheapest.
-_DIRECT_TOPK = 16384
-#: Rows folded into one chunk per level of :func:`_top`.
-_FOLD = 16
-
-
-def _fold_max(a: torch.Tensor, h: int) -> torch.Tensor:
-    """Column-wise maxima of consecutive ``h``-row groups: (R, C) → (ceil(R/h), C); the last group may
-    be shorter."""
-    rows, cols = a.shape
-    full = rows // h
-    out = a[: full * h].view(full, h, cols).amax(1)
-    if full * h == rows:
-        return out
-    return torch.cat([out, a[full * h:].amax(0, keepdim=True)])
-
-
-def _top(a: torch.Tensor, k: int, want_index: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The ``k`` largest values of a 2-D tensor ``a`` (descending) and, if asked, their flat indices.
-
-    Exact selection in three steps (recursively):
-
-    1. chunk maxima: every ``_FOLD`` consecutive rows of one column form a chunk; ``m`` = its maximum;
-    2. the ``k`` chunks with the largest maxima (found by the same procedure on the table of maxima);
-    3. ``topk`` over the entries of those ``k`` chunks only (``k × _FOLD`` values).
-
-    Why step 3 sees every value of the true Top-K: let ``t`` be the ``k``-th largest chunk maximum. The
-    ``k`` chosen chunks each hold an entry ≥ ``t``, so at least ``k`` entries are ≥ ``t`` and the
-    ``k``-th largest entry of ``a`` is ≥ ``t``. An entry above ``t`` lies in a chunk whose maximum is above
-    ``t``; all such chunks are among the chosen (``topk`` keeps every value above its ``k``-th). Entries
-    equal to ``t`` are interchangeable. So the chosen chunks contain the whole Top-K multiset, and the
-    result equals ``torch.topk(a.flatten(), k).values`` element for element.
-    """
-    rows, cols = a.shape
-    n = rows * cols
-    h = _FOLD
-    if n <= _DIRECT_TOPK or rows < 2 * h or -(-rows // h) * cols < k:
-        v, i = torch.topk(a.reshape(-1), k)
-        return v, (i if want_index else None)
-    maxima = _fold_max(a, h)
-    _, chunk = _top(maxima, k, True)
-    assert chunk is not None
-    # flat indices of the entries of each chosen chunk: rows group·h … group·h + h - 1 of one column
-    first = (chunk // cols) * (h * cols) + chunk % cols
-    flat = first.unsqueeze(1) + torch.arange(0, h * cols, cols)  # (k, h)
-    if rows % h:
-        outside = flat >= n  # the short last group
-        vals = a.reshape(-1)[flat.clamp_max(n - 1)].masked_fill_(outside, -1.0)  # never in a Top-K of |ΔW|
-    else:
-        vals = a.reshape(-1)[flat]
-    v, j = torch.topk(vals.reshape(-1), k)
-    return v, (flat.reshape(-1)[j] if want_index else None)
-
-
-def top_abs_values(abs_delta: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` largest entries of a non-negative tensor (|ΔW|), float32, descending.
-
-    Equal, element for element, to ``torch.topk(abs_delta.flatten(), min(k, numel)).values``; the work is
-    one pass over the entries (the chunk maxima) plus ``topk`` over a few thousand values.
-    """
-    a = abs_delta.reshape(abs_delta.shape[0], -1) if abs_delta.dim() > 1 else abs_delta.reshape(1, -1)
-    k = min(int(k), a.numel())
-    if k <= 0:
-        return a.new_empty(0)
-    if k == a.numel():
-        return a.reshape(-1).sort(descending=True).values
-    if a.shape[0] < 2 * _FOLD < a.shape[1]:  # short and wide: fold the long side instead
-        a = a.t().contiguous()
-    return _top(a, k, False)[0]
-
-
-# ----------------------------------------------------------------------------------------- layer scores
-
-
-def layer_rank(layer: LoraLayer) -> int:
-    """The rank K uses. A kind without a rank (``full``; LoKr with full factors) counts as full-rank:
-    ``min(out, in·kh·kw)``, the rank a dense matrix of that shape has in general."""
-    if layer.rank:
-        return int(layer.rank)
-    out = layer.shape[0]
-    inner = math.prod(layer.shape[1:]) if len(layer.shape) > 1 else 1
-    return int(min(out, inner))
-
-
-@dataclass(frozen=True)
-class _Stats:
-    """Per file and layer, independent of strength: |U| where ΔW = factor · U (see :func:`_unit_abs`)."""
-
-    l1: float  # Σ|U| (see _l1)
-    top: torch.Tensor  # the largest |U| entries, float32, descending
-    numel: int
-
-
-def _plain(layer: LoraLayer) -> bool:
-    return layer.kind == "lora" and "mid" not in layer.tensors
-
-
-def _unit_factor(layer: LoraLayer) -> float:
-    """``u`` with ``ΔW = U · (strength · u)``, for the ``U`` of :func:`_unit_abs`."""
-    return layer.scale if _plain(layer) else 1.0
-
-
-def _unit_abs(layer: LoraLayer) -> torch.Tensor:
-    """|U| as a 2-D float32 tensor of our own (see :func:`_unit_factor`).
-
-    Plain LoRA/LoCon: ``U = up @ down`` exactly as :mod:`klora.delta` forms it; ``dense_delta`` multiplies
-    by ``strength·scale`` last, so ``|ΔW| = fl32(|U| · |strength·scale|)`` bit for bit. Other kinds (Tucker
-    LoCon, LoHa, LoKr, full): ``U = dense_delta(layer, 1)`` (scale included); ``strength`` then multiplies
-    a rounded product, so strengths other than 1 differ from ``dense_delta(layer, strength)`` by one float32
-    rounding (the selection is the same: rounding is monotone).
-    """
-    t = layer.tensors
-    if _plain(layer):
-        down = t["down"].to(torch.float32)
-        r = down.shape[0]
-        up = t["up"].to(torch.float32).reshape(t["up"].shape[0], r)
-        return (up @ down.reshape(r, -1)).abs_()
-    d = dense_delta(layer, 1.0)
-    return d.reshape(d.shape[0], -1).abs_()
-
-
-def _l1(a: torch.Tensor) -> float:
-    """Σ a for a non-negative 2-D float32 tensor: each row summed in float32 (torch's cascade summation,
-    relative error ≲ 1e-7 even for rows of thousands of entries), the row sums in float64. Converting every
-    entry to float64 costs four to five times as much and only moves γ in the 8th digit."""
-    return float(a.sum(1).sum(dtype=torch.float64))
-
-
-class _LRU:
-    """A small thread-safe LRU mapping."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._d: OrderedDict[object, object] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: object) -> object | None:
-        with self._lock:
-            value = self._d.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._d.move_to_end(key)
-            self.hits += 1
-            return value
-
-    def put(self, key: object, value: object) -> None:
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > max(self.size, 0):
-                self._d.popitem(last=False)
-
-    def resize(self, size: int) -> None:
-        with self._lock:
-            self.size = size
-            while len(self._d) > max(size, 0):
-                self._d.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
-            self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-
-_DEFAULT_PAIRS = 8
-_pair_cache = _LRU(_DEFAULT_PAIRS)
-_file_cache = _LRU(2 * _DEFAULT_PAIRS)
-
-
-def set_cache_size(pairs: int) -> None:
-    """Keep the scores of up to ``pairs`` LoRA pairs (and per-file statistics of twice as many files);
-    0 disables caching."""
-    pairs = max(int(pairs), 0)
-    _pair_cache.resize(pairs)
-    _file_cache.resize(2 * pairs)
-
-
-def clear_cache() -> None:
-    """Forget every cached score."""
-    _pair_cache.clear()
-    _file_cache.clear()
-
-
-def cache_info() -> dict[str, int]:
-    """Sizes, entries, hits and misses of both caches (for diagnostics and tests)."""
-    return {
-        "pairs": len(_pair_cache), "pair_size": _pair_cache.size, "pair_hits": _pair_cache.hits,
-        "pair_misses": _pair_cache.misses, "files": len(_file_cache), "file_size": _file_cache.size,
-        "file_hits": _file_cache.hits, "file_misses": _file_cache.misses,
-    }
-
-
-def _file_stats(file: LoraFile) -> dict[tuple, _Stats]:
-    """The per-layer statistics table of a file (shared by all its pairings), or a throwaway one."""
-    if not file.sha256 or _file_cache.size <= 0:
-        return {}
-    table = _file_cache.get(file.sha256)
-    if table is None:
-        table = {}
-        _file_cache.put(file.sha256, table)
-    return table  # type: ignore[return-value]
-
-
-def _layer_stats(table: dict[tuple, _Stats], layer: LoraLayer, k: int) -> tuple[_Stats, float]:
-    """Statistics of ``layer`` with at least ``k`` Top values, and the unit factor ``u``."""
-    key = (layer.key, layer.kind, tuple(layer.shape), layer.rank)
-    stats = table.get(key)
-    if stats is None or (stats.top.numel() < k and stats.top.numel() < stats.numel):
-        a = _unit_abs(layer)
-        stats = _Stats(l1=_l1(a), top=top_abs_values(a, k), numel=a.numel())
-        table[key] = stats
-    return stats, _unit_factor(layer)
-
-
-@dataclass(frozen=True)
-class LayerScore:
-    """Scores of one shared layer for the effective deltas: K, Σ Top-K |ΔW| and Σ |ΔW| of each side."""
-
-    k: int
-    score_content: float
-    score_style: float
-    l1_content: float
-    l1_style: float
-
-
-@dataclass(frozen=True)
-class PairScores:
-    """Scores of every scored layer of a pair (shared, denoiser, in scope), in plan order."""
-
-    layers: dict[str, LayerScore]
-
-
-def _side(table: dict[tuple, _Stats], layer: LoraLayer, strength: float, k: int) -> tuple[float, float]:
-    stats, u = _layer_stats(table, layer, k)
-    c = abs(float(strength) * u)
-    top = stats.top[:k]
-    # Rounding is monotone, so fl32(|U|·c) over the Top-K of |U| is the Top-K of |U·c|, still descending;
-    # for plain LoRA layers that is exactly what dense_delta(layer, strength) holds (see _unit_abs).
-    score = float((top if c == 1.0 else top * c).sum(dtype=torch.float64))
-    return score, stats.l1 * c
-
-
-def _scored_keys(content: LoraFile, style: LoraFile, scope: Scope) -> list[str]:
-    return [key for key in content.layers
-            if key in style.layers and not is_text_encoder(key) and (scope == "all" or is_attention(key))]
-
-
-def _layout(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A 1×1 conv's (out, in, 1, 1) is the (out, in) some kinds store (LoHa/LoKr on SD1.5's 1×1 proj_in)."""
-    shape = tuple(shape)
-    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
-
-
-def pair_scores(content: LoraFile, style: LoraFile, content_strength: float = 1.0,
-                style_strength: float = 1.0, scope: Scope = "all") -> PairScores:
-    """Scores of the layers K-LoRA decides (both files, not a text encoder, in ``scope``); cached."""
-    cache_key = (content.sha256, style.sha256, float(content_strength), float(style_strength), scope)
-    cacheable = bool(content.sha256 and style.sha256)
-    if cacheable and (hit := _pair_cache.get(cache_key)) is not None:
-        return hit  # type: ignore[return-value]
-    table_c, table_s = _file_stats(content), _file_stats(style)
-    out: dict[str, LayerScore] = {}
-    for key in _scored_keys(content, style, scope):
-        lc, ls = content.layers[key], style.layers[key]
-        if _layout(lc.shape) != _layout(ls.shape):
-            raise ValueError(f"{key}: the content LoRA's delta has shape {tuple(lc.shape)} but the style "
-                             f"LoRA's has {tuple(ls.shape)}; are they for the same base model?")
-        numel = math.prod(lc.shape)
-        k = min(layer_rank(lc) * layer_rank(ls), numel)
-        sc, l1c = _side(table_c, lc, content_strength, k)
-        ss, l1s = _side(table_s, ls, style_strength, k)
-        out[key] = LayerScore(k, sc, ss, l1c, l1s)
-    scores = PairScores(out)
-    if cacheable:
-        _pair_cache.put(cache_key, scores)
-    return scores
 
 
 # ------------------------------------------------------------------------------------------------- gamma
@@ -507,7 +118,7 @@ class Plan:
     def scale(self, tau: float) -> float:
         """S(τ) = α·τ + β (pattern ``s*``: modulo α)."""
         s = self.alpha * tau + self.beta
-        if self.options.pattern == "s*":
+        if PATTERNS[self.options.pattern].modulo:
             s = s % self.alpha
         return s
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+from klora.keys import is_text_encoder, layer_order
 
 if TYPE_CHECKING:
     from klora.fusion import Plan
@@ -61,93 +62,10 @@ def block_of(key: str) -> str:
     return "other"
 
 
-def _natural(text: str) -> tuple[Any, ...]:
-    """Sort key that orders embedded numbers numerically (``layers_10`` after ``layers_9``)."""
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", text)))
-
-
-def _rank(name: str, order: Iterable[str]) -> int:
-    order = list(order)
-    for i, prefix in enumerate(order):
-        if name.startswith(prefix):
-            return i
-    return len(order)
-
-
-_IN_ORDER = ("time_embedding", "add_embedding", "conv_in")  # the time embedding runs before conv_in
-_RESNET_ORDER = ("conv1", "time_emb_proj", "conv2", "conv_shortcut")
-_ATTN_ORDER = ("to_q", "to_k", "to_v", "to_out")
-_FF_ORDER = ("ff_net_0", "ff_net_2")
-_TE_ORDER = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1",
-             "mlp_fc2")
-
-
-def _in_block_order(rest: str) -> tuple[int, int, int, int, int]:
-    """Position of a module inside a UNet block, as the forward pass meets it."""
-    big = 10**6
-    m = re.match(r"(resnets|attentions)_(\d+)_(.*)", rest)
-    if m:
-        j, sub = int(m.group(2)), m.group(3)
-        if m.group(1) == "resnets":
-            return (j, 0, _rank(sub, _RESNET_ORDER), 0, 0)
-        if sub.startswith(("norm", "proj_in")):
-            return (j, 1, 0, 0, 0)
-        t = re.match(r"transformer_blocks_(\d+)_(.*)", sub)
-        if t:
-            tsub = t.group(2)
-            a = re.match(r"attn(\d+)_(.*)", tsub)
-            if a:
-                return (j, 1, 1 + int(t.group(1)), int(a.group(1)), _rank(a.group(2), _ATTN_ORDER))
-            return (j, 1, 1 + int(t.group(1)), 100, _rank(tsub, _FF_ORDER))
-        return (j, 1, big, 0, 0)  # proj_out and anything after the transformer blocks
-    m = re.match(r"(downsamplers|upsamplers)_(\d+)_", rest)
-    if m:
-        return (big, int(m.group(2)), 0, 0, 0)
-    return (big + 1, 0, 0, 0, 0)
-
-
-_FLUX_DOUBLE_ORDER = ("norm1_linear", "norm1_context_linear", "attn_to_q", "attn_to_k", "attn_to_v",
-                      "attn_add_q_proj", "attn_add_k_proj", "attn_add_v_proj", "attn_to_out",
-                      "attn_to_add_out", "ff_net", "ff_context_net")
-_FLUX_SINGLE_ORDER = ("norm_linear", "proj_mlp", "attn_to_q", "attn_to_k", "attn_to_v", "proj_out")
-_FLUX_IN_ORDER = ("x_embedder", "time_text_embed_timestep", "time_text_embed_guidance",
-                  "time_text_embed_text", "context_embedder")
-_FLUX_BLOCK = re.compile(
-    r"(?:single_transformer_blocks|single_blocks|transformer_blocks|double_blocks)_(\d+)_(.*)")
-_BLOCK_RANK = {"in": 0, "down": 1, "mid": 2, "up": 3, "double": 1, "single": 2, "out": 4}
-
-
-def layer_order_key(key: str) -> tuple[Any, ...]:
-    """Sort key putting canonical keys in model order: the denoiser (UNet: in, down, mid, up, out; Flux: in,
-    double, single, out), then the text encoders (TE1, TE2, TE3)."""
-    component, _, path = key.partition("/")
-    block = block_of(key)
-    zero = (0, 0, 0, 0, 0)
-    if component.startswith("te"):
-        m = re.match(r"text_model_encoder_layers_(\d+)_(.*)", path)
-        inner = (int(m.group(1)), _rank(m.group(2), _TE_ORDER), 0, 0, 0) if m else (10**6, 0, 0, 0, 0)
-        return (1, component, 0, 0, inner, _natural(path))
-    if component == "transformer":
-        m = _FLUX_BLOCK.match(path)
-        if m:
-            order = _FLUX_SINGLE_ORDER if block == "single" else _FLUX_DOUBLE_ORDER
-            inner = (int(m.group(1)), _rank(m.group(2), order), 0, 0, 0)
-        else:
-            inner = (_rank(path, _FLUX_IN_ORDER), 0, 0, 0, 0)
-        return (0, component, _BLOCK_RANK[block], 0, inner, _natural(path))
-    m = re.match(r"(down|up)_blocks_(\d+)_(.*)", path)
-    if m:
-        return (0, component, _BLOCK_RANK[m.group(1)], int(m.group(2)), _in_block_order(m.group(3)),
-                _natural(path))
-    if block == "mid":
-        return (0, component, 2, 0, _in_block_order(path[len("mid_block_"):]), _natural(path))
-    inner = (_rank(path, _IN_ORDER), 0, 0, 0, 0) if block == "in" else zero
-    return (0, component, _BLOCK_RANK.get(block, 5), 0, inner, _natural(path))
-
-
 def ordered_keys(plan: Plan) -> list[str]:
-    """The plan's layer keys in model order."""
-    return sorted(plan.layers, key=layer_order_key)
+    """The plan's layer keys as the map shows them: the denoiser's in forward order, then the text encoders'
+    (whose rows do not change over the steps) in forward order (:func:`klora.keys.layer_order`)."""
+    return sorted(plan.layers, key=lambda key: (is_text_encoder(key), layer_order(key)))
 
 
 def blocks(plan: Plan) -> list[tuple[str, list[str]]]:

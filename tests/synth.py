@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from klora.keys import diffusers_to_sgm
+from klora.keys.sd import diffusers_to_sgm
 
 Shapes = Mapping[str, tuple[int, ...]]
 PerKey = Callable[[str], float]

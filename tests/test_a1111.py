@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from klora import fusion
+from klora import fusion, scores
 from klora.delta import dense_delta
 from klora.formats import read_lora
 
@@ -200,7 +200,7 @@ class Session:
         write_lora(lora_dir / "ink.safetensors", self.model, "style", 14, sdxl=sdxl)
         w.shared.cmd_opts.lora_dir = str(lora_dir)
         w.networks.list_available_networks()
-        fusion.clear_cache()
+        scores.clear_cache()
         w.a1111._file_cache.clear()
         # scripts/klora.py, imported the way modules/script_loading.py load_module does
         spec = importlib.util.spec_from_file_location("klora.py", ROOT / "scripts" / "klora.py")
@@ -1106,7 +1106,7 @@ def test_api_args_are_checked_against_the_lora_list(sd15):
 
 def test_scores_are_cached_across_generations(sd15, monkeypatch):
     counted = {"scored": 0, "reads": 0}
-    real_unit_abs = fusion._unit_abs  # forms |ΔW| of one layer: the expensive part of scoring
+    real_unit_abs = scores._unit_abs  # forms |ΔW| of one layer: the expensive part of scoring
     real_read = sd15.w.a1111.read_lora
 
     def counting_unit_abs(*a: Any, **k: Any) -> Any:
@@ -1117,16 +1117,16 @@ def test_scores_are_cached_across_generations(sd15, monkeypatch):
         counted["reads"] += 1
         return real_read(*a, **k)
 
-    monkeypatch.setattr(fusion, "_unit_abs", counting_unit_abs)
+    monkeypatch.setattr(scores, "_unit_abs", counting_unit_abs)
     monkeypatch.setattr(sd15.w.a1111, "read_lora", counting_read)
     panel = sd15.panel(enabled=True, content="dog", style="watercolor")
     sd15.generate(sd15.txt2img(panel=panel))
     first = dict(counted)
-    misses = fusion.cache_info()["pair_misses"]
+    misses = scores.cache_info()["pair_misses"]
     assert first["scored"] == 2 * len(UNET_SHARED) and first["reads"] == 2
     sd15.generate(sd15.txt2img(panel=panel, n_iter=2))
     assert counted == first  # neither rescored nor reread
-    assert fusion.cache_info()["pair_misses"] == misses
+    assert scores.cache_info()["pair_misses"] == misses
     sd15.assert_clean()
 
 
@@ -1197,14 +1197,14 @@ def test_settings_and_names(sd15):
     assert opts.klora_default_pattern == "s" and opts.klora_default_show_map is False
     opts.klora_cache_size = 3
     sd15.w.a1111.apply_cache_size()
-    assert fusion.cache_info()["pair_size"] == 3
+    assert scores.cache_info()["pair_size"] == 3
     opts.klora_default_pattern = "s*"
     assert sd15.w.a1111.panel_defaults().pattern == "s*"
     assert sd15.w.a1111.lora_names() == ["cat", "dog", "ink", "watercolor"]
     assert sd15.w.a1111.resolve_lora("dog").endswith("dog.safetensors")
     with pytest.raises(sd15.w.a1111.KLoraInputError, match="no LoRA named"):
         sd15.w.a1111.resolve_lora("nobody")
-    fusion.set_cache_size(8)
+    scores.set_cache_size(8)
 
 
 def test_pass_schedule_matches_setup_img2img_steps(webui):

@@ -42,11 +42,11 @@ from klora.apply import (
     set_cache_size,
 )
 from klora.delta import bias_delta, dense_delta
-from klora.formats import LoraFile, LoraLayer, read_lora
-from klora.fusion import FusionOptions, make_plan
-from klora.keys import module_targets
-
-pytest.importorskip("diffusers")
+from klora.formats import read_lora
+from klora.fusion import make_plan
+from klora.keys.sd import module_targets
+from klora.layers import LoraFile, LoraLayer
+from klora.options import FusionOptions
 
 STEPS = 8
 ATOL, RTOL = 2e-5, 1e-4

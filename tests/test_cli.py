@@ -13,16 +13,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from safetensors import safe_open
+from synth import te_layer_shapes, tiny_unet_shapes, write_kohya
+from test_viz import CONTENT_ONLY, STYLE_ONLY, write_pair
 
 from klora import viz
 from klora.cli import main
 from klora.formats import read_lora
-from klora.fusion import FusionOptions, make_plan
-
-pytest.importorskip("diffusers")
-
-from synth import te_layer_shapes, tiny_unet_shapes, write_kohya
-from test_viz import CONTENT_ONLY, STYLE_ONLY, write_pair
+from klora.fusion import make_plan
+from klora.options import FusionOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 LETTER = {"content": "C", "style": "S", "both": "B", "none": "-"}

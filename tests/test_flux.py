@@ -1,4 +1,5 @@
-"""klora.flux: Flux key spellings → canonical layers, fused splits, and canonical → BFL module rows.
+"""Flux: file spellings → canonical layers and fused splits (klora.formats.flux), canonical → BFL module
+rows (klora.keys.flux).
 
 Names and shapes come from real models: diffusers' ``FluxTransformer2DModel`` with the FLUX.1-dev config
 and a BFL-named tree with Forge's names (tests/fake_forge/flux.py), both on the meta device.
@@ -10,14 +11,18 @@ import itertools
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from klora import flux
-from klora.formats import LoraFormatError
+from klora import kinds
+from klora.formats import flux as flux_format
+from klora.formats import read_lora
+from klora.keys import flux
+from klora.layers import LoraFormatError, LoraLayer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_forge.flux import IntegratedFluxTransformer2DModel
@@ -27,7 +32,7 @@ MLP = 12288
 
 
 def _flux_dev_diffusers() -> nn.Module:
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     with torch.device("meta"):
         return diffusers.FluxTransformer2DModel(
             in_channels=64,
@@ -51,6 +56,38 @@ def diffusers_flux() -> nn.Module:
 def bfl_flux() -> nn.Module:
     with torch.device("meta"):
         return IntegratedFluxTransformer2DModel()
+
+
+def read_flux_layers(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                     name: str = "x") -> dict[str, LoraLayer]:
+    """The layers of ``sd`` written to a .safetensors file and read back by klora.formats.read_lora."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.safetensors"
+        save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(path), metadata=metadata or None)
+        return read_lora(path).layers
+
+
+def fused_layers(sd: dict[str, torch.Tensor]) -> dict[str, LoraLayer]:
+    """The layers of a kohya Flux state dict built as the file stores them, fused modules unsplit (what the
+    reader splits)."""
+    out = {}
+    for name in sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in sd}):
+        tensors = {role: sd[f"{name}.lora_{role}.weight"] for role in ("down", "up")}
+        alpha = float(sd[f"{name}.alpha"]) if f"{name}.alpha" in sd else None
+        located = flux_format.FluxScheme().locate(name, "")
+        key = f"{located.component}/{located.module}"
+        out[key] = kinds.KINDS["lora"].build("f", key, name, tensors, {}, alpha, lambda o, i: (o, i))
+    return out
+
+
+def split_fused(layers: dict[str, LoraLayer]) -> dict[str, LoraLayer]:
+    out = {}
+    for key, layer in layers.items():
+        for child in flux_format.split_fused_layer(layer) if flux.is_fused_key(key) else [layer]:
+            out[child.key] = child
+    return out
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -164,7 +201,7 @@ def _kohya_key_set(bfl: nn.Module, rank: int = 1) -> dict[str, torch.Tensor]:
 def test_kohya_key_set_reads_split_to_diffusers_modules(bfl_flux, diffusers_flux):
     sd = _kohya_key_set(bfl_flux)
     assert len(sd) == 912  # 304 modules × 3 tensors (ecosystem D.4)
-    layers = flux.read_flux_layers(sd, {}, "kohya.safetensors")
+    layers = read_flux_layers(sd, {}, "kohya")
     assert layers is not None
     d_lin = _linears(diffusers_flux)
     b_lin = _linears(bfl_flux)
@@ -181,7 +218,7 @@ def test_kohya_key_set_reads_split_to_diffusers_modules(bfl_flux, diffusers_flux
     assert q.file_key == "lora_unet_double_blocks_5_img_attn_qkv[0:3072]"
     assert layers["transformer/single_transformer_blocks_1_proj_mlp"].shape == (MLP, H)
     # unsplit: the fused modules keep their BFL keys and shapes
-    fused = flux.read_flux_layers(sd, {}, "kohya.safetensors", split=False)
+    fused = fused_layers(sd)
     assert fused["transformer/double_blocks_5_img_attn_qkv"].shape == (3 * H, H)
     assert fused["transformer/single_blocks_0_linear1"].shape == (3 * H + MLP, H)
     assert fused["transformer/transformer_blocks_5_ff_net_2"].shape == (H, MLP)
@@ -203,7 +240,7 @@ def test_read_lora_dispatches_flux_files_to_the_flux_reader(bfl_flux, tmp_path):
     path = tmp_path / "flux_kohya.safetensors"
     save_file(sd, str(path))
     file = read_lora(path)
-    expected = flux.read_flux_layers(sd, {}, str(path))
+    expected = read_flux_layers(sd, {}, "expected")
     assert sorted(file.layers) == sorted(expected)
     assert all(k.startswith("transformer/") for k in file.layers)
     q = file.layers["transformer/transformer_blocks_0_attn_to_q"]
@@ -216,7 +253,7 @@ def test_diffusers_peft_key_set_from_the_real_model(diffusers_flux):
         if name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
             sd[f"transformer.{name}.lora_A.weight"] = torch.zeros(2, mod.in_features)
             sd[f"transformer.{name}.lora_B.weight"] = torch.zeros(mod.out_features, 2)
-    layers = flux.read_flux_layers(sd, {}, "peft.safetensors")
+    layers = read_flux_layers(sd, {}, "peft")
     assert len(layers) == 494  # the "full" count the official code accepts (ecosystem D.4)
     assert all(layer.alpha is None and layer.scale == 1.0 and layer.rank == 2 for layer in layers.values())
     assert (
@@ -249,10 +286,10 @@ def test_split_children_are_the_rows_of_the_fused_delta():
         "lora_unet_single_blocks_0_linear1.lora_up.weight": _rand(3 * h + mlp, r, seed=6),
         "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(6.0),
     }
-    fused = flux.read_flux_layers(sd, {}, "f", split=False)
-    split = flux.read_flux_layers(sd, {}, "f")
-    resplit = flux.split_fused(fused)
-    assert list(split) == list(resplit)
+    fused = fused_layers(sd)
+    split = read_flux_layers(sd, {}, "f")
+    resplit = split_fused(fused)
+    assert sorted(split) == sorted(resplit)
     for key, layer in split.items():
         other = resplit[key]
         assert (layer.file_key, layer.shape, layer.alpha, layer.rank) == (
@@ -286,7 +323,7 @@ def test_split_children_are_the_rows_of_the_fused_delta():
         assert torch.equal(torch.cat([_delta(k) for k in kids]), _delta(parent))
         for k in kids:
             assert (k.alpha, k.rank, k.scale) == (parent.alpha, parent.rank, parent.scale)
-            assert k.tensors["down"] is parent.tensors["down"]  # shared, not copied
+            assert k.tensors["down"] is kids[0].tensors["down"]  # one down for the children, not copies
             t = flux.bfl_target(k.key, h, mlp)
             assert t.rows.stop - t.rows.start == k.shape[0]
             assert torch.equal(_delta(parent)[t.rows], _delta(k))
@@ -325,7 +362,7 @@ def test_kohya_bfl_and_diffusers_spellings_of_one_lora_agree():
             s_up[i * h : (i + 1) * h] if i < 3 else s_up[3 * h :]
         )
     meta = {"lora_adapter_metadata": json.dumps({"transformer.r": r, "transformer.lora_alpha": 2})}
-    read = [flux.read_flux_layers(sd, m, "x") for sd, m in ((kohya, {}), (bfl, {}), (peft, meta))]
+    read = [read_flux_layers(sd, m, "x") for sd, m in ((kohya, {}), (bfl, {}), (peft, meta))]
     assert set(read[0]) == set(read[1]) == set(read[2])
     assert len(read[0]) == 7
     for key in read[0]:
@@ -343,17 +380,27 @@ def test_peft_alpha_pattern_and_rslora_and_alpha_tensors():
         "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": torch.zeros(h, 4),
     }
     cfg = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.alpha_pattern": {"attn.to_k": 2}}
-    layers = flux.read_flux_layers(sd, {"lora_adapter_metadata": json.dumps(cfg)}, "p")
+    layers = read_flux_layers(sd, {"lora_adapter_metadata": json.dumps(cfg)}, "p")
     assert layers["transformer/transformer_blocks_0_attn_to_q"].scale == 2.0
     assert layers["transformer/transformer_blocks_0_attn_to_k"].scale == 0.5
     cfg = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.use_rslora": True}
-    layers = flux.read_flux_layers(sd, {"lora_adapter_metadata": json.dumps(cfg)}, "p")
+    layers = read_flux_layers(sd, {"lora_adapter_metadata": json.dumps(cfg)}, "p")
     assert math.isclose(layers["transformer/transformer_blocks_0_attn_to_q"].scale, 8 / math.sqrt(4))
-    # an alpha tensor wins over missing metadata; bad metadata is ignored (alpha = rank)
+    # an alpha tensor wins over the metadata
     sd2 = dict(sd, **{"transformer.transformer_blocks.0.attn.to_q.alpha": torch.tensor(1.0)})
-    layers = flux.read_flux_layers(sd2, {"lora_adapter_metadata": "{not json"}, "p")
+    layers = read_flux_layers(sd2, {"lora_adapter_metadata": json.dumps({"lora_alpha": 8})}, "p")
     assert layers["transformer/transformer_blocks_0_attn_to_q"].scale == 0.25
-    assert layers["transformer/transformer_blocks_0_attn_to_k"].scale == 1.0
+    assert layers["transformer/transformer_blocks_0_attn_to_k"].scale == 2.0
+    # the same reader as SD files: an unprefixed lora_alpha applies to the transformer too (alpha 8, r 4:
+    # scale 2), and bad metadata is refused, never ignored (it would weigh the LoRA wrong)
+    layers = read_flux_layers(sd, {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8})}, "p")
+    assert layers["transformer/transformer_blocks_0_attn_to_q"].scale == 2.0
+    for bad, message in (("{not json", "not valid JSON"),
+                         (json.dumps({"lora_alpha": "abc"}), "not a finite number"),
+                         (json.dumps({"lora_alpha": 8, "alpha_pattern": {"attn.to_[k": 2}}),
+                          "not a valid pattern")):
+        with pytest.raises(LoraFormatError, match=message):
+            read_flux_layers(sd, {"lora_adapter_metadata": bad}, "p")
 
 
 def test_xlabs_is_converted_down_shared_up_split():
@@ -372,7 +419,7 @@ def test_xlabs_is_converted_down_shared_up_split():
         "single_blocks.1.processor.proj_lora.down.weight": _rand(r, 5 * h, seed=11),
         "single_blocks.1.processor.proj_lora.up.weight": _rand(h, r, seed=12),
     }
-    layers = flux.read_flux_layers(t, {}, "xlabs.safetensors")
+    layers = read_flux_layers(t, {}, "xlabs")
     assert sorted(layers) == sorted(
         "transformer/" + k
         for k in (
@@ -397,13 +444,11 @@ def test_xlabs_is_converted_down_shared_up_split():
     v = layers["transformer/single_transformer_blocks_1_attn_to_v"]
     assert torch.equal(v.tensors["up"], t["single_blocks.1.processor.qkv_lora.up.weight"][2 * h :])
     assert layers["transformer/single_transformer_blocks_1_proj_out"].shape == (h, 5 * h)
-    assert (
-        layers["transformer/transformer_blocks_0_attn_to_add_out"].tensors["up"]
-        is t["double_blocks.0.processor.proj_lora2.up.weight"]
-    )
+    assert torch.equal(layers["transformer/transformer_blocks_0_attn_to_add_out"].tensors["up"],
+                       t["double_blocks.0.processor.proj_lora2.up.weight"])
     # the diffusion_model. prefix some XLabs exports carry
     prefixed = {"diffusion_model." + k: v for k, v in t.items()}
-    assert set(flux.read_flux_layers(prefixed, {}, "x")) == set(layers)
+    assert set(read_flux_layers(prefixed, {}, "x")) == set(layers)
 
 
 def test_norm_out_swaps_halves_and_top_level_names():
@@ -417,7 +462,7 @@ def test_norm_out_swaps_halves_and_top_level_names():
         "transformer.x_embedder.lora_A.weight": _rand(2, 64, seed=5),
         "transformer.x_embedder.lora_B.weight": _rand(h, 2, seed=6),
     }
-    layers = flux.read_flux_layers(sd, {}, "d")
+    layers = read_flux_layers(sd, {}, "d")
     fin = layers["transformer/final_layer_adaLN_modulation_1"]
     assert torch.equal(fin.tensors["up"], torch.cat([up[h:], up[:h]]))  # (scale, shift) → (shift, scale)
     assert flux.bfl_target(fin.key).module == "final_layer.adaLN_modulation.1"
@@ -431,7 +476,7 @@ def test_norm_out_swaps_halves_and_top_level_names():
         "lora_unet_img_in.lora_down.weight": _rand(2, 64, seed=5),
         "lora_unet_img_in.lora_up.weight": _rand(h, 2, seed=6),
     }
-    k_layers = flux.read_flux_layers(kohya, {}, "k")
+    k_layers = read_flux_layers(kohya, {}, "k")
     assert set(k_layers) == set(layers)
     assert torch.equal(k_layers["transformer/final_layer_adaLN_modulation_1"].tensors["up"], up)
 
@@ -445,7 +490,7 @@ def test_text_encoder_layers_of_flux_files():
     sd["lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = torch.zeros(4096, 2)
     sd["text_encoder_2.encoder.block.1.layer.0.SelfAttention.k.lora_A.weight"] = torch.zeros(2, 4096)
     sd["text_encoder_2.encoder.block.1.layer.0.SelfAttention.k.lora_B.weight"] = torch.zeros(4096, 2)
-    layers = flux.read_flux_layers(sd, {}, "te")
+    layers = read_flux_layers(sd, {}, "te")
     assert "te1/text_model_encoder_layers_0_self_attn_q_proj" in layers
     assert "te3/encoder_block_0_layer_0_SelfAttention_q" in layers
     assert "te3/encoder_block_1_layer_0_SelfAttention_k" in layers
@@ -487,8 +532,7 @@ def test_other_models_are_not_claimed():
         "transformer.transformer_blocks.0.attn.add_q_proj.lora_B.weight": torch.zeros(1536, 2),
     }
     for sd in (sd15, sdxl, sd3, {}):
-        assert flux.read_flux_layers(sd, {}, "x") is None
-        assert not flux.looks_like_flux(_shapes(sd))
+        assert not flux_format.looks_like_flux(_shapes(sd))
 
 
 def _shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -496,15 +540,15 @@ def _shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 
 
 def test_header_check_agrees_with_the_reader(bfl_flux):
-    assert flux.looks_like_flux(_shapes(_kohya_key_set(bfl_flux)))
+    assert flux_format.looks_like_flux(_shapes(_kohya_key_set(bfl_flux)))
     q = {
         "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": (4, 3072),
         "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": (3072, 4),
     }
-    assert flux.looks_like_flux(q)
-    assert not flux.looks_like_flux({k: (4, 1536) if k.endswith("A.weight") else (1536, 4) for k in q})
-    assert flux.looks_like_flux({"double_blocks.0.processor.qkv_lora1.down.weight": (4, 3072)})
-    assert flux.looks_like_flux({"lora_unet_single_blocks_0_linear1.hada_w1_a": (4, 4)})
+    assert flux_format.looks_like_flux(q)
+    assert not flux_format.looks_like_flux({k: (4, 1536) if k.endswith("A.weight") else (1536, 4) for k in q})
+    assert flux_format.looks_like_flux({"double_blocks.0.processor.qkv_lora1.down.weight": (4, 3072)})
+    assert flux_format.looks_like_flux({"lora_unet_single_blocks_0_linear1.hada_w1_a": (4, 4)})
 
 
 @pytest.mark.parametrize(
@@ -514,7 +558,7 @@ def test_header_check_agrees_with_the_reader(bfl_flux):
         ({"lora_unet_double_blocks_0_img_mlp_0.hada_w1_a": torch.ones(4, 2)}, "LoHa"),
         ({"img_in.lora_B.bias": torch.ones(16)}, "control"),
         ({"single_blocks.0.norm.key_norm.scale": torch.ones(16)}, "control"),
-        ({"lora_unet_double_blocks_0_img_attn_qkv.weird": torch.ones(1)}, "unknown key"),
+        ({"lora_unet_double_blocks_0_img_attn_qkv.weird": torch.ones(1)}, "unknown tensor"),
         (
             {
                 "lora_unet_double_blocks_0_img_attn_nope.lora_down.weight": torch.ones(2, 16),
@@ -522,13 +566,13 @@ def test_header_check_agrees_with_the_reader(bfl_flux):
             },
             "names no module",
         ),
-        ({"lora_unet_double_blocks_1_img_mlp_0.lora_down.weight": torch.ones(2, 16)}, "without its up"),
+        ({"lora_unet_double_blocks_1_img_mlp_0.lora_down.weight": torch.ones(2, 16)}, "missing up"),
         (
             {
                 "lora_unet_double_blocks_1_img_mlp_0.lora_down.weight": torch.ones(2, 16),
                 "lora_unet_double_blocks_1_img_mlp_0.lora_up.weight": torch.ones(64, 3),
             },
-            "do not form",
+            "mismatched ranks",
         ),
         (
             {
@@ -542,13 +586,13 @@ def test_header_check_agrees_with_the_reader(bfl_flux):
                 "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.ones(2, 16),
                 "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.ones(48, 2),
             },
-            "twice",
+            "two entries for the same layer",
         ),
     ],
 )
 def test_refusals_are_clear(extra, message):
     with pytest.raises(LoraFormatError, match=message) as info:
-        flux.read_flux_layers({**_kohya_small(), **extra}, {}, "bad.safetensors")
+        read_flux_layers({**_kohya_small(), **extra}, {}, "bad")
     assert "bad.safetensors" in str(info.value)
 
 
@@ -558,16 +602,16 @@ def test_fused_rows_must_match_the_fused_module():
         "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(40, 2),
     }
     with pytest.raises(LoraFormatError, match="expected 48"):
-        flux.read_flux_layers(bad, {}, "b")
+        read_flux_layers(bad, {}, "b")
     xl = {
         "single_blocks.0.processor.qkv_lora.down.weight": torch.zeros(2, 16),
         "single_blocks.0.processor.qkv_lora.up.weight": torch.zeros(47, 2),
     }
     with pytest.raises(LoraFormatError, match="XLabs"):
-        flux.read_flux_layers(xl, {}, "b")
+        read_flux_layers(xl, {}, "b")
     with pytest.raises(ValueError, match="not a fused"):
-        flux.split_fused_layer(
-            flux.read_flux_layers(_kohya_small(), {}, "k")["transformer/transformer_blocks_0_attn_to_q"]
+        flux_format.split_fused_layer(
+            read_flux_layers(_kohya_small(), {}, "k")["transformer/transformer_blocks_0_attn_to_q"]
         )
 
 
@@ -577,8 +621,9 @@ def test_fused_rows_must_match_the_fused_module():
 
 def test_row_slice_hooks_on_a_fused_qkv_equal_merged_rows():
     from klora.apply import StepClock, Target, attached
-    from klora.formats import LoraFile
-    from klora.fusion import FusionOptions, make_plan
+    from klora.fusion import make_plan
+    from klora.layers import LoraFile
+    from klora.options import FusionOptions
 
     h, r = 64, 4
     qkv = nn.Linear(h, 3 * h)
@@ -598,8 +643,8 @@ def test_row_slice_hooks_on_a_fused_qkv_equal_merged_rows():
         "double_blocks.0.processor.qkv_lora1.down.weight": _rand(r, h, seed=24),
         "double_blocks.0.processor.qkv_lora1.up.weight": _rand(3 * h, r, seed=25) * 0.5,
     }
-    content = LoraFile("c.safetensors", "c", "c" * 64, flux.read_flux_layers(content_sd, {}, "c"))
-    style = LoraFile("s.safetensors", "s", "s" * 64, flux.read_flux_layers(style_sd, {}, "s"))
+    content = LoraFile("c.safetensors", "c", "c" * 64, read_flux_layers(content_sd, {}, "c"))
+    style = LoraFile("s.safetensors", "s", "s" * 64, read_flux_layers(style_sd, {}, "s"))
     keys = [f"transformer/transformer_blocks_0_attn_to_{n}" for n in "qkv"]
     assert list(content.layers) == list(style.layers) == keys
     targets = {}

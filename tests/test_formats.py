@@ -13,12 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from klora.formats import LoraFile, LoraFormatError, read_lora
-from klora.keys import layer_order
-
-pytest.importorskip("diffusers")
-
 from synth import (
     kohya_name,
     sd15_unet_shapes,
@@ -33,6 +27,10 @@ from synth import (
     write_peft,
     write_tensors,
 )
+
+from klora.formats import read_lora
+from klora.keys import layer_order
+from klora.layers import LoraFile, LoraFormatError
 
 SD = sd15_unet_shapes()
 XL = sdxl_unet_shapes()

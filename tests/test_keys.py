@@ -1,4 +1,5 @@
-"""klora.keys: SGM ↔ diffusers UNet names and module_targets, against the real diffusers module trees."""
+"""klora.keys and klora.keys.sd: SGM ↔ diffusers UNet names and module_targets, against the real diffusers
+module trees."""
 
 from __future__ import annotations
 
@@ -6,22 +7,6 @@ import random
 
 import pytest
 import torch
-from torch import nn
-
-from klora.keys import (
-    canonical_key,
-    diffusers_to_sgm,
-    is_attention_projection,
-    is_sgm_name,
-    layer_order,
-    module_targets,
-    sgm_renumbering,
-    sgm_to_diffusers,
-    up_blocks_with_attention,
-)
-
-pytest.importorskip("diffusers")
-
 from synth import (
     build_unet,
     module_path,
@@ -33,6 +18,17 @@ from synth import (
     tiny_sdxl_unet_config,
     tiny_unet_config,
     tiny_unet_shapes,
+)
+from torch import nn
+
+from klora.keys import canonical_key, is_attention, layer_order
+from klora.keys.sd import (
+    diffusers_to_sgm,
+    is_sgm_name,
+    module_targets,
+    sgm_renumbering,
+    sgm_to_diffusers,
+    up_blocks_with_attention,
 )
 
 SD15_UP_ATTN = frozenset({1, 2, 3})
@@ -126,9 +122,9 @@ def test_known_sgm_shapes() -> None:
     assert xl[canonical_key("unet", "output_blocks.8.0.skip_connection")] == (320, 640, 1, 1)
     assert xl[canonical_key("unet", "input_blocks.3.0.op")] == (320, 320, 3, 3)
     assert xl[canonical_key("unet", "label_emb.0.0")] == (1280, 2816)
-    att = [k for k in xl if is_attention_projection(k)]
+    att = [k for k in xl if is_attention(k)]
     assert len(att) == 560
-    assert len([k for k in sd if is_attention_projection(k)]) == 128
+    assert len([k for k in sd if is_attention(k)]) == 128
 
 
 def test_module_path_inverts_flattening() -> None:
@@ -339,11 +335,6 @@ def test_module_targets_text_encoders() -> None:
     assert module_targets(_tree(openclip), "te2", "diffusers") == {}
 
 
-def test_is_attention_projection() -> None:
-    assert is_attention_projection("unet/mid_block_attentions_0_transformer_blocks_0_attn1_to_out_0")
-    assert is_attention_projection("te1/text_model_encoder_layers_0_self_attn_v_proj")
-    assert not is_attention_projection("unet/mid_block_attentions_0_transformer_blocks_0_ff_net_2")
-    assert not is_attention_projection("unet/mid_block_attentions_0_proj_in")
 
 
 @pytest.mark.parametrize("cfg", [tiny_unet_config, tiny_sdxl_unet_config])

@@ -6,17 +6,11 @@ import itertools
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image, ImageFont
-
-from klora import viz
-from klora.formats import LoraFile, read_lora
-from klora.fusion import FusionOptions, Plan, make_plan
-
-pytest.importorskip("diffusers")
-
 from synth import (
     block_magnitude,
     build_unet,
@@ -26,6 +20,13 @@ from synth import (
     write_kohya,
     write_peft,
 )
+
+from klora import viz
+from klora.formats import read_lora
+from klora.fusion import Plan, make_plan
+from klora.keys import layer_order
+from klora.layers import LoraFile
+from klora.options import FusionOptions
 
 LETTER = {"content": "C", "style": "S", "both": "B", "none": "-"}
 TINY = tiny_unet_shapes()
@@ -71,16 +72,20 @@ def test_layer_order_is_the_forward_pass_order() -> None:
     with torch.no_grad():
         unet(torch.zeros(1, 4, 32, 32), 10, encoder_hidden_states=torch.zeros(1, 4, 32))
     assert len(calls) == len(set(calls)) == len(TINY)  # every module once
-    assert sorted(reversed(list(TINY)), key=viz.layer_order_key) == calls
+    assert sorted(reversed(list(TINY)), key=layer_order) == calls
     te1 = list(TE)  # HF CLIP layer: q, k, v, out_proj, fc1, fc2
-    assert sorted(reversed(te1), key=viz.layer_order_key) == te1
+    assert sorted(reversed(te1), key=layer_order) == te1
     te2 = ["te2/" + k.partition("/")[2] for k in te1]
-    assert sorted(te2 + te1 + calls, key=viz.layer_order_key) == calls + te1 + te2
+    assert sorted(te2 + calls + te1, key=layer_order) == te1 + te2 + calls  # the prompt is encoded first
+    # the map shows the denoiser's rows first, the text encoders' (constant over the steps) after
+    plan = SimpleNamespace(layers=dict.fromkeys(te2 + calls + te1))
+    assert viz.ordered_keys(plan) == calls + te1 + te2
 
 
 def test_flux_layer_order_is_the_forward_pass_order() -> None:
     """The same for a tiny diffusers Flux transformer (two double and two single blocks, guidance)."""
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
+
     torch.manual_seed(0)
     model = diffusers.FluxTransformer2DModel(
         patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -96,7 +101,7 @@ def test_flux_layer_order_is_the_forward_pass_order() -> None:
               pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
               txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
     assert len(calls) == len(set(calls)) > 40
-    assert sorted(reversed(calls), key=viz.layer_order_key) == calls
+    assert sorted(reversed(calls), key=layer_order) == calls
     blocks = [b for b, _ in itertools.groupby(viz.block_of(k) for k in calls)]
     assert blocks == ["in", "double", "single", "out"]
 

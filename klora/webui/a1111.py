@@ -47,11 +47,12 @@ import torch.nn.functional as F
 from modules import extra_networks, processing, sd_samplers_common, shared
 from torch import nn
 
-from klora import apply, fusion
+from klora import apply, fusion, scores
 from klora.apply import Hooks, StepClock, Target, attach
 from klora.delta import dense_delta, low_rank
 from klora.formats import LoraFile, LoraFormatError, LoraLayer, read_lora
-from klora.keys import module_targets
+from klora.keys import is_text_encoder
+from klora.keys.sd import module_targets
 from klora.webui import common
 
 try:  # the timestep samplers (DDIM, DDIM CFG++, PLMS, UniPC), since 1.6; a host may lack them
@@ -724,7 +725,7 @@ class _Run:
         te_keys: list[str] = []
         unet_keys: list[str] = []
         for key in cov.mapped:
-            if fusion.is_text_encoder(key):
+            if is_text_encoder(key):
                 if plan.choose(key, 0.0) != "none":
                     te_keys.append(key)
             else:
@@ -1114,7 +1115,7 @@ def on_ui_settings() -> None:
 def apply_cache_size() -> None:
     size = getattr(shared.opts, "klora_cache_size", 8)
     try:
-        fusion.set_cache_size(max(0, int(size)))
+        scores.set_cache_size(max(0, int(size)))
     except (TypeError, ValueError):
         log.warning("K-LoRA: bad score cache size %r", size)
 

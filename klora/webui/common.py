@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from klora.fusion import FusionOptions
+    from klora.options import FusionOptions
 
 TITLE = "K-LoRA"
 """Script title; also the key of ``alwayson_scripts`` in the API (matched case-insensitively by the webui)."""
@@ -193,7 +193,7 @@ class KLoraArgs:
 
     def to_fusion_options(self, seed: int) -> FusionOptions:
         """The engine's options; ``seed`` seeds the ``random`` mode (pass the image seed)."""
-        from klora.fusion import FusionOptions
+        from klora.options import FusionOptions
 
         return FusionOptions(**self.fusion_kwargs(seed))
 

@@ -42,9 +42,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from klora import flux, fusion, keys
+from klora import fusion, keys
 from klora.apply import Target
-from klora.formats import LoraFile
+from klora.keys import flux
+from klora.keys import sd as sd_keys
+from klora.layers import LoraFile
 from klora.webui import a1111, common
 from klora.webui.a1111 import (  # noqa: F401  (the shared entry points, re-exported for the script)
     ExtraNetworkKLora,
@@ -146,16 +148,16 @@ def build_targets(sd_model: Any, layer_keys: Iterable[str]) -> tuple[dict[str, T
     if "unet" in components:
         # Forge builds the UNet from the checkpoint's config (backend/nn/unet.py, ``num_res_blocks`` per
         # level): renumber a non-standard layout; blocks the renumbering cannot express go to Forge's key map.
-        renumber = keys.sgm_renumbering(dm)
+        renumber = sd_keys.sgm_renumbering(dm)
         index: dict[str, nn.Module] = {}
         for name, module in dm.named_modules():
             if name and _hookable(module):
                 flat_name = keys.flat(name)
-                if renumber is not None and keys.is_sgm_name(flat_name):
+                if renumber is not None and sd_keys.is_sgm_name(flat_name):
                     flat_name = renumber(flat_name)
                     if flat_name is None:
                         continue  # left to Forge's key map
-                index.setdefault(keys.unet_key(flat_name), module)
+                index.setdefault(sd_keys.unet_key(flat_name), module)
         for key in wanted:
             if key in index:
                 targets[key] = Target(index[key])

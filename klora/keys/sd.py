@@ -1,10 +1,9 @@
-"""Canonical layer keys and the SGM (ldm) ↔ diffusers UNet name conversion.
+"""SD UNet names: SGM (ldm) ↔ diffusers, and the hookable modules of an SD model by canonical key.
 
-A canonical key is ``"<component>/<diffusers or HF module path with '.' → '_'>"``. Files and hosts use
-three spellings of the same UNet module: diffusers (``down_blocks.1.attentions.0…``), SGM/ldm as in
-A1111's ``model.diffusion_model`` and kohya SDXL files (``input_blocks.4.1…``), and kohya's flattened
-``lora_unet_…`` form of either. Everything here works on the flattened ('_') form, so one converter serves
-file keys and module names alike.
+Files and hosts use three spellings of the same UNet module: diffusers (``down_blocks.1.attentions.0…``),
+SGM/ldm as in A1111's ``model.diffusion_model`` and kohya SDXL files (``input_blocks.4.1…``), and kohya's
+flattened ``lora_unet_…`` form of either. Everything here works on the flattened ('_') form, so one converter
+serves file keys and module names alike.
 
 The block arithmetic is the same for SD1.x/2.x and SDXL (two layers per block, three ``input_blocks`` /
 ``output_blocks`` per block):
@@ -17,14 +16,12 @@ index 1 (block without attention) or 2,
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable
 from typing import Literal
 
 from torch import nn
 
-Component = Literal["unet", "te1", "te2"]
 Naming = Literal["diffusers", "sgm"]
 
 # ResnetBlock2D member names: SGM → diffusers.
@@ -57,11 +54,6 @@ _OUT_RE = re.compile(r"^output_blocks_(\d+)_(\d+)(?:_(.+))?$")
 _D_BLOCK_RE = re.compile(r"^(down|up)_blocks_(\d+)_(resnets|attentions)_(\d+)(?:_(.+))?$")
 _D_SAMPLER_RE = re.compile(r"^(down|up)_blocks_(\d+)_(downsamplers|upsamplers)_0_conv$")
 _D_MID_RE = re.compile(r"^mid_block_(resnets|attentions)_(\d+)(?:_(.+))?$")
-
-
-def flat(name: str) -> str:
-    """A dotted module path in the flattened form canonical keys use."""
-    return name.replace(".", "_")
 
 
 def is_sgm_name(flat_name: str) -> bool:
@@ -167,14 +159,6 @@ def unet_key(flat_name: str) -> str:
     return "unet/" + (sgm_to_diffusers(flat_name) if is_sgm_name(flat_name) else flat_name)
 
 
-def canonical_key(component: str, module_path: str) -> str:
-    """Canonical key from a component and a module path (dotted or flattened, diffusers/HF or SGM)."""
-    name = flat(module_path)
-    if component == "unet":
-        return unet_key(name)
-    return f"{component}/{name}"
-
-
 _SGM_BLOCK_RE = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)(?:_(.+))?$")
 
 
@@ -256,6 +240,8 @@ def _te_name(flat_name: str, naming: Naming) -> str | None:
     i = flat_name.find("text_model_")
     if i >= 0:
         return flat_name[i:]
+    if naming == "diffusers" and flat_name.startswith("encoder_layers_"):
+        return "text_model_" + flat_name  # transformers 5's CLIPTextModel has no text_model level
     if naming == "sgm":
         m = _OPENCLIP_RE.match(flat_name)
         if m:
@@ -277,7 +263,8 @@ def module_targets(model: nn.Module, component: str, naming: Naming) -> dict[str
     there would never run.
     """
     out: dict[str, nn.Module] = {}
-    named = [(flat(n), m) for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))]
+    named = [(n.replace(".", "_"), m) for n, m in model.named_modules()
+             if n and isinstance(m, (nn.Linear, nn.Conv2d))]
     wrapped = (component == "unet" and naming == "sgm"
                and any(f.startswith(_WRAPPER_PREFIXES) for f, _ in named))
     renumber = sgm_renumbering(model) if component == "unet" and naming == "sgm" else None
@@ -313,80 +300,18 @@ def up_blocks_with_attention(model: nn.Module) -> frozenset[int]:
     return frozenset(found)
 
 
-def is_attention_projection(key: str) -> bool:
-    """Whether a canonical key names an attention projection (to_q/to_k/to_v/to_out.0, q/k/v/out_proj)."""
-    return bool(re.search(r"(?:_attn\d?_(?:to_q|to_k|to_v|to_out_0)|_self_attn_(?:q|k|v|out)_proj)$", key))
+# 3×3 convs of SD/SDXL UNets (canonical names), for LoHa/LoKr files that flatten the kernel.
+_CONV3_RE = re.compile(r"^unet/(?:.*_(?:conv1|conv2)|.*samplers_0_conv|conv_in|conv_out)$")
 
 
-# Sibling order in the forward pass (UNet top level, transformer block, attention, resnet, CLIP layer).
-_FORWARD_RANK = {
-    "time_embedding": 0, "add_embedding": 1, "conv_in": 2, "down_blocks": 3, "mid_block": 4, "up_blocks": 5,
-    "conv_norm_out": 6, "conv_out": 7,
-    "norm": 0, "proj_in": 1, "transformer_blocks": 2, "proj_out": 3,
-    "norm1": 0, "attn1": 1, "norm2": 2, "attn2": 3, "norm3": 4, "ff": 5,
-    "to_q": 0, "to_k": 1, "to_v": 2, "to_out": 3,
-    "conv1": 10, "time_emb_proj": 11, "conv2": 12, "conv_shortcut": 13,
-    "self_attn": 0, "mlp": 1, "q_proj": 0, "k_proj": 1, "v_proj": 2, "out_proj": 3, "fc1": 0, "fc2": 1,
-}
-_MULTI_WORD = sorted([*(w for w in _FORWARD_RANK if "_" in w), "text_model", "linear_1", "linear_2"],
-                     key=len, reverse=True)
-_COMPONENT_RANK = {"te1": 0, "te2": 1, "unet": 2}
+def flattened_conv_shape(key: str, out: int, flat_in: int) -> tuple[int, ...]:
+    """Target shape of a layer whose file flattened a conv kernel into the input dimension (LoHa and LoKr
+    without Tucker cores): 3×3 for the SD UNet's ``conv1``/``conv2``/``conv_in``/``conv_out`` and sampler
+    ``conv``, 1×1 for ``conv_shortcut``, else ``(out, flat_in)`` (a Linear, or a 1×1 conv such as SD1.5's
+    ``proj_in``, which :func:`klora.layers.layout` treats alike)."""
+    if _CONV3_RE.match(key) and flat_in % 9 == 0:
+        return (out, flat_in // 9, 3, 3)
+    if key.startswith("unet/") and key.endswith("_conv_shortcut"):
+        return (out, flat_in, 1, 1)
+    return (out, flat_in)
 
-
-def _tokens(flat_name: str) -> list[str]:
-    parts = flat_name.split("_")
-    out: list[str] = []
-    i = 0
-    while i < len(parts):
-        for word in _MULTI_WORD:
-            n = word.count("_") + 1
-            if "_".join(parts[i:i + n]) == word:
-                out.append(word)
-                i += n
-                break
-        else:
-            out.append(parts[i])
-            i += 1
-    return out
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def layer_order(key: str) -> tuple:
-    """Sort key putting canonical keys in forward-pass order.
-
-    Text encoders first, then the UNet by depth: resnet j before attention j in a block, q/k/v/out, ...
-    Unknown names sort naturally (numbers as numbers)."""
-    comp, _, name = key.partition("/")
-    toks = _tokens(name)
-    out: list[tuple[int, int, str]] = [(_COMPONENT_RANK.get(comp, 9), 0, comp)]
-    i = 0
-    while i < len(toks):
-        t = toks[i]
-        nxt = toks[i + 1] if i + 1 < len(toks) else ""
-        if t in ("resnets", "attentions") and nxt.isdigit():
-            out += [(20, int(nxt), ""), (0 if t == "resnets" else 1, 0, "")]
-            i += 2
-            continue
-        if t in ("downsamplers", "upsamplers"):
-            out += [(20, 10**6, ""), (2, 0, "")]
-        elif t.isdigit():
-            out.append((0, int(t), ""))
-        else:
-            out.append((_FORWARD_RANK.get(t, 50), 0, t))
-        i += 1
-    return tuple(out)
-
-
-__all__ = [
-    "canonical_key",
-    "diffusers_to_sgm",
-    "flat",
-    "is_attention_projection",
-    "is_sgm_name",
-    "layer_order",
-    "module_targets",
-    "sgm_renumbering",
-    "sgm_to_diffusers",
-    "unet_key",
-    "up_blocks_with_attention",
-]
