@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "FAMILY_DEFAULTS",
     "OPTIONS",
     "PATTERNS",
     "FusionOptions",
     "Option",
     "OptionError",
     "PatternSpec",
+    "family_defaults",
     "field_name",
     "option",
     "parse",
@@ -53,6 +55,20 @@ class PatternSpec:
 
 PATTERNS: dict[str, PatternSpec] = {"s": PatternSpec(1.5, 0.5, False), "s*": PatternSpec(1.5, 1.275, True)}
 
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """Option values a model family uses unless the user chose them, and how the infotext names the family."""
+
+    label: str
+    values: Mapping[str, Any]
+
+
+FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
+    # the official K-LoRA code's Flux path uses s* (its SDXL path s); Chroma is Flux's architecture
+    "flux": FamilyDefaults("Flux", {"pattern": "s*"}),
+    "chroma": FamilyDefaults("Chroma", {"pattern": "s*"}),
+}
+
 ValueType = Literal["bool", "name", "number", "choice", "gamma"]
 
 
@@ -65,8 +81,9 @@ class Option:
     > 0 that means "manual" with that value).
     ``tag``: the key in ``<klora:…:key=value>`` (None: the tag cannot set it); ``aliases``: other names the
     tag and the API's named form accept; ``infotext``: its key inside the ``K-LoRA`` infotext field;
-    ``cli``: its flag in ``python -m klora inspect``; ``xyz``: the XYZ axis cost (None: no axis);
-    ``engine``: whether :class:`FusionOptions` takes it.
+    ``cli``: its flag in ``python -m klora inspect``; ``xyz``: the XYZ plot axis label (None: no axis) and
+    ``xyz_cost`` its cost (how much changing it costs: the plot orders axes by it); ``engine``: whether
+    :class:`FusionOptions` takes it.
     """
 
     name: str
@@ -83,7 +100,8 @@ class Option:
     aliases: tuple[str, ...] = ()
     infotext: str | None = None
     cli: str | None = None
-    xyz: float | None = None
+    xyz: str | None = None
+    xyz_cost: float = 0.0
     engine: bool = False
 
     def describe_choices(self) -> str:
@@ -95,34 +113,37 @@ class Option:
 
 def _choice(name: str, labels: dict[str, str], default: str, label: str, help: str, **kw: Any) -> Option:
     return Option(name, "choice", default, label, help, choices=labels, tag=name, infotext=name,
-                  cli=f"--{name}", xyz=kw.pop("xyz", 0.0), engine=True, **kw)
+                  cli=f"--{name}", xyz=kw.pop("xyz", label), engine=True, **kw)
 
 
 OPTIONS: tuple[Option, ...] = (
     Option("enabled", "bool", False, "K-LoRA", "apply K-LoRA to this generation", aliases=("enable",),
-           xyz=0.0),
+           xyz="Enabled"),
     Option("content", "name", "", "Content LoRA", "the subject LoRA (a dog, a character)",
-           aliases=("content_lora",), infotext="content", xyz=0.5),
+           aliases=("content_lora",), infotext="content", xyz="Content LoRA", xyz_cost=0.5),
     Option("style", "name", "", "Style LoRA", "the style LoRA (watercolor, a painter)",
-           aliases=("style_lora",), infotext="style", xyz=0.5),
+           aliases=("style_lora",), infotext="style", xyz="Style LoRA", xyz_cost=0.5),
     Option("content_strength", "number", 1.0, "Content strength",
            "multiplies the content LoRA's delta, as <lora:name:X> would", tag="cw",
-           aliases=("content_weight",), infotext="cw", cli="--content-strength", xyz=0.0, engine=True),
+           aliases=("content_weight",), infotext="cw", cli="--content-strength", xyz="Content strength",
+           engine=True),
     Option("style_strength", "number", 1.0, "Style strength",
            "multiplies the style LoRA's delta, as <lora:name:X> would", tag="sw",
-           aliases=("style_weight",), infotext="sw", cli="--style-strength", xyz=0.0, engine=True),
+           aliases=("style_weight",), infotext="sw", cli="--style-strength", xyz="Style strength",
+           engine=True),
     _choice("pattern", {"s": "s (paper)", "s*": "s* (official)"}, "s", "Pattern",
             "the style scale S(tau) = alpha*tau + beta: s (paper: 1.5, 0.5) or s* (official code: 1.5, "
             "1.275, S mod alpha)", value_aliases={"sstar": "s*", "official": "s*"}),
     Option("alpha", "number", None, "α (slope)",
            "alpha of S(tau) = alpha*tau + beta (default: the pattern's)",
-           optional=True, minimum=0.0, tag="alpha", infotext="alpha", cli="--alpha", xyz=0.0, engine=True),
+           optional=True, minimum=0.0, tag="alpha", infotext="alpha", cli="--alpha", xyz="Alpha",
+           engine=True),
     Option("beta", "number", None, "β (offset)", "beta of S(tau) = alpha*tau + beta (default: the pattern's)",
-           optional=True, minimum=0.0, tag="beta", infotext="beta", cli="--beta", xyz=0.0, engine=True),
+           optional=True, minimum=0.0, tag="beta", infotext="beta", cli="--beta", xyz="Beta", engine=True),
     Option("gamma", "gamma", "auto", "γ (balance)",
            "balances LoRAs of different magnitude: auto (mean of per-layer ratios, outliers cut), paper "
            "(eq. 9) or a number", choices={"auto": "auto", "paper": "paper (eq. 9)", "manual": "manual"},
-           tag="gamma", infotext="gamma", cli="--gamma", xyz=0.1, engine=True),
+           tag="gamma", infotext="gamma", cli="--gamma", xyz="Gamma", xyz_cost=0.1, engine=True),
     Option("gamma_value", "number", 1.0, "γ value", "the manual gamma", minimum=0.0, exclusive=True,
            tag="gamma_value"),
     _choice("mode", {"klora": "K-LoRA", "topk": "Top-K only", "fixed": "Fixed schedule", "random": "Random",
@@ -131,7 +152,7 @@ OPTIONS: tuple[Option, ...] = (
             value_aliases={"direct": "merge", "fixedschedule": "fixed", "topkonly": "topk"}),
     _choice("scope", {"all": "All layers", "attention": "Attention only"}, "all", "Scope",
             "the layers K-LoRA decides: all shared ones, or attention projections only (others get both "
-            "deltas)", value_aliases={"attn": "attention", "alllayers": "all"}, xyz=0.1),
+            "deltas)", value_aliases={"attn": "attention", "alllayers": "all"}, xyz_cost=0.1),
     # "Neither", not "None": the webui's hints.js gives every "None" text its own tooltip
     _choice("te", {"both": "Both", "content": "Content", "style": "Style", "none": "Neither"}, "both",
             "Text encoder", "text-encoder layers (run once per prompt): both deltas, content, style or none",
@@ -180,18 +201,23 @@ def _error(opt: Option, what: str, value: Any) -> OptionError:
     return OptionError(f"K-LoRA argument '{opt.name}' must be {what}, got {value!r}", opt.name)
 
 
+def _as_number(value: Any) -> float | None:
+    """A JSON number or a number's text as a float (maybe not finite); None for anything else."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
 def _number(opt: Option, value: Any) -> float | None:
     if opt.optional and (value is None
                          or (isinstance(value, str) and value.strip().lower() in ("", "default"))):
         return None
-    number: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            number = None
+    number = _as_number(value)
     if number is None or not math.isfinite(number):
         extra = " or 'default' (the pattern's value)" if opt.optional else ""
         raise _error(opt, f"a finite number{extra}", value)
@@ -242,14 +268,7 @@ def parse(name: str, value: Any) -> dict[str, Any]:
     if opt.type == "number":
         return {name: _number(opt, value)}
     if opt.type == "gamma":
-        number: float | None = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                number = None
+        number = _as_number(value)
         if number is not None:
             if not (math.isfinite(number) and number > 0):
                 raise _choice_error(opt, value)
@@ -332,6 +351,39 @@ class FusionOptions:
         if kwargs.get("gamma") == "manual":
             kwargs["gamma"] = float(values.get("gamma_value", option("gamma_value").default))
         return cls(**kwargs, seed=seed)
+
+
+def family_defaults(family: str, values: Mapping[str, Any], given: Iterable[str] = ()
+                    ) -> tuple[dict[str, Any], str | None]:
+    """The updates ``family``'s defaults make to option ``values`` and a note for the infotext (None: none).
+
+    An option counts as chosen by the user, and keeps its value, when it is in ``given`` (set by a tag or an
+    XYZ cell) or differs from the table's default; the pattern, α and β count as one choice (α and β belong to
+    the pattern, and a panel always sends numbers, so its defaults cannot be told from a choice)."""
+    spec = FAMILY_DEFAULTS.get(family)
+    if spec is None:
+        return {}, None
+    chosen = set(given)
+    defaults = {o.name: o.default for o in OPTIONS}
+    pattern_group = {"pattern", "alpha", "beta"}
+    pattern = PATTERNS[defaults["pattern"]]
+    if (values.get("pattern", defaults["pattern"]) != defaults["pattern"]
+            or values.get("alpha") not in (None, pattern.alpha)
+            or values.get("beta") not in (None, pattern.beta)):
+        chosen |= pattern_group
+    if chosen & pattern_group:
+        chosen |= pattern_group
+    updates: dict[str, Any] = {}
+    for name, value in spec.values.items():
+        if name in chosen or values.get(name, defaults[name]) != defaults[name]:
+            continue
+        updates[name] = value
+        if name == "pattern":
+            updates.update(alpha=None, beta=None)
+    if not updates:
+        return {}, None
+    shown = ", ".join(f"{name} {value}" for name, value in spec.values.items() if name in updates)
+    return updates, f"{spec.label} default {shown}"
 
 
 def engine_options() -> Iterable[Option]:

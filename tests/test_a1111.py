@@ -1,4 +1,4 @@
-"""The A1111 glue (klora/webui/a1111.py, scripts/klora.py) in simulated generations.
+"""The webui glue on A1111 (klora/webui/, the A1111 host, scripts/klora.py) in simulated generations.
 
 The webui is the test double in tests/fake_webui (a mirror of the v1.10.1 hook order, step counters and
 exception paths); the model is a small real torch model with the module names of an SD1.5/SDXL
@@ -30,14 +30,19 @@ from torch import nn
 from klora import fusion, scores
 from klora.delta import dense_delta
 from klora.formats import read_lora
+from klora.webui.hosts import a1111 as a1111_host
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = Path(__file__).resolve().parent / "fake_webui"
 HOST_MODULES = ("modules", "networks", "network", "tiny_sd")
 
 
+# the glue that imports the webui's modules binds to the double it was first imported with
+GLUE = ("klora.webui.session", "klora.webui.schedule", "klora.webui.extension", "klora.py")
+
+
 def _is_host_module(name: str) -> bool:
-    return name.split(".")[0] in HOST_MODULES or name in ("klora.webui.a1111", "klora.py")
+    return name.split(".")[0] in HOST_MODULES or name in GLUE
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +67,16 @@ def webui():
         import networks
         import tiny_sd
 
-        from klora.webui import a1111
+        from klora.webui import args, extension, infotext, loras, schedule, session
+        from klora.webui.hosts.a1111 import A1111Host
 
         yield SimpleNamespace(
             shared=modules.shared, processing=modules.processing, scripts=modules.scripts,
             callbacks=modules.script_callbacks, extra_networks=modules.extra_networks,
             sd_models=modules.sd_models, errors=modules.errors, state_cls=modules.shared_state.State,
-            networks=networks, tiny=tiny_sd, a1111=a1111, infotext_utils=modules.infotext_utils,
+            networks=networks, tiny=tiny_sd, infotext_utils=modules.infotext_utils, args=args,
+            extension=extension, infotext=infotext, loras=loras, schedule=schedule, session=session,
+            ext=extension.Extension(A1111Host()),
         )
     finally:
         torch.set_num_threads(threads)
@@ -77,7 +85,8 @@ def webui():
             del sys.modules[k]
         import klora.webui
 
-        klora.webui.__dict__.pop("a1111", None)
+        for name in GLUE:
+            klora.webui.__dict__.pop(name.rpartition(".")[2], None)
         sys.modules.update(saved)
 
 
@@ -201,14 +210,14 @@ class Session:
         w.shared.cmd_opts.lora_dir = str(lora_dir)
         w.networks.list_available_networks()
         scores.clear_cache()
-        w.a1111._file_cache.clear()
+        w.loras._files.clear()
         # scripts/klora.py, imported the way modules/script_loading.py load_module does
         spec = importlib.util.spec_from_file_location("klora.py", ROOT / "scripts" / "klora.py")
         self.script_module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(self.script_module)
         self.script = self.script_module.KLoraScript()
         self.runner = w.scripts.ScriptRunner()
-        self.runner.add_alwayson(self.script, len(self.w.a1111.common.ARG_NAMES))
+        self.runner.add_alwayson(self.script, len(self.w.args.ARG_NAMES))
         w.callbacks.before_ui_callback()  # registers the <klora> extra network (initialize() ran above)
         self.snapshot = {id(m): {k: v.detach().clone() for k, v in m.state_dict().items()}
                          for m in (self.model, self.refiner)}
@@ -216,8 +225,8 @@ class Session:
     # -- processing objects ------------------------------------------------------------------------
 
     def panel(self, **values: Any) -> list[Any]:
-        args = self.w.a1111.common.KLoraArgs(**values)
-        return [getattr(args, n) for n in self.w.a1111.common.ARG_NAMES]
+        args = self.w.args.KLoraArgs(**values)
+        return [getattr(args, n) for n in self.w.args.ARG_NAMES]
 
     def txt2img(self, prompt: str = "a dog", steps: int = 6, panel: list[Any] | None = None,
                 **kw: Any) -> Any:
@@ -261,7 +270,7 @@ class Session:
             assert before.keys() == after.keys()
             for k, v in before.items():
                 assert torch.equal(v, after[k]), f"weight {k} changed"
-        assert not self.w.a1111._attached
+        assert not self.w.session.attached_sessions()
 
     def hooked(self, model: nn.Module | None = None) -> int:
         """Forward hooks on the model, not counting the test's own observers."""
@@ -273,14 +282,14 @@ class Session:
 def sd15(webui, tmp_path):
     s = Session(webui, tmp_path)
     yield s
-    webui.a1111.on_script_unloaded()
+    webui.ext.on_script_unloaded()
 
 
 @pytest.fixture
 def sdxl(webui, tmp_path):
     s = Session(webui, tmp_path, sdxl=True)
     yield s
-    webui.a1111.on_script_unloaded()
+    webui.ext.on_script_unloaded()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -394,7 +403,7 @@ def test_script_registers_with_the_webui(sd15):
     assert sd15.script.title() == "K-LoRA"
     assert sd15.script.show(False) is sd15.w.scripts.AlwaysVisible
     registered = {c.callback for c in sd15.w.callbacks.callback_map["callbacks_cfg_denoiser"]}
-    assert sd15.w.a1111.on_cfg_denoiser in registered
+    assert sd15.script_module.ext.on_cfg_denoiser in registered
     assert "klora" in sd15.w.extra_networks.extra_network_registry
     # a reload clears the callbacks and imports the script again: still one of each
     sd15.w.callbacks.clear_callbacks()
@@ -517,9 +526,9 @@ def test_open_clip_attention_with_forward_patched_before_import(webui, monkeypat
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(nn.MultiheadAttention, "forward", network_MultiheadAttention_forward)
-    spec = importlib.util.spec_from_file_location("klora_a1111_late", ROOT / "klora" / "webui" / "a1111.py")
+    spec = importlib.util.spec_from_file_location("klora_mha_late", ROOT / "klora" / "mha.py")
     late = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "klora_a1111_late", late)
+    monkeypatch.setitem(sys.modules, "klora_mha_late", late)
     spec.loader.exec_module(late)
 
     torch.manual_seed(0)
@@ -529,7 +538,7 @@ def test_open_clip_attention_with_forward_patched_before_import(webui, monkeypat
     w_in = mha.in_proj_weight.detach() + 0.1 * torch.randn(24, 8)
     w_out = mha.out_proj.weight.detach() + 0.1 * torch.randn(8, 8)
     with torch.no_grad():
-        got, _ = late._mha_forward(mha, (x, x, x), {"need_weights": False, "attn_mask": mask}, w_in, w_out)
+        got, _ = late.forward(mha, (x, x, x), {"need_weights": False, "attn_mask": mask}, w_in, w_out)
         ref = copy.deepcopy(mha)
         ref.in_proj_weight.copy_(w_in)
         ref.out_proj.weight.copy_(w_out)
@@ -610,7 +619,7 @@ def test_attach_failure_warns_and_generates_without_klora(sd15, monkeypatch, err
     def failing(*a: Any, **k: Any) -> Any:
         raise error
 
-    monkeypatch.setattr(sd15.w.a1111, "_attach_part", failing)
+    monkeypatch.setattr(sd15.w.session.apply, "attach", failing)
     obs = Observer(sd15)
     p = sd15.txt2img(panel=sd15.panel(enabled=True, content="dog", style="watercolor"))
     processed = sd15.generate(p)
@@ -632,7 +641,7 @@ def test_unexpected_error_while_preparing_warns(sd15, monkeypatch):
     def broken(model: Any) -> Any:
         raise AttributeError("'Model' object has no attribute 'diffusion_model' (simulated)")
 
-    monkeypatch.setattr(sd15.w.a1111, "model_targets", broken)
+    monkeypatch.setattr(a1111_host, "model_targets", broken)
     p = sd15.txt2img(panel=sd15.panel(enabled=True, content="dog", style="watercolor"))
     processed = sd15.generate(p)
     assert len(processed.images) == 1
@@ -988,7 +997,7 @@ def test_bad_input_warns_and_generates_without_klora(sd15, prompt, panel, messag
     assert message in warning and warning.count("without K-LoRA") == 1, warning
     assert re.search(r"[^.!?][.!?] The image was made without K-LoRA\.$", warning), warning
     assert f"K-LoRA warning: {sd15.w.infotext_utils.quote(warning)}" in processed.infotexts[0]
-    assert sd15.w.a1111.common.infotext_paste_values({"K-LoRA warning": warning}) == {"enabled": False}
+    assert sd15.w.infotext.infotext_paste_values({"K-LoRA warning": warning}) == {"enabled": False}
     assert all(c["klora_hooks"] == 0 for c in obs.calls) and obs.calls
     for *_, applied in obs.records:  # the plain model ran
         assert torch.count_nonzero(applied) == 0
@@ -1107,7 +1116,7 @@ def test_api_args_are_checked_against_the_lora_list(sd15):
 def test_scores_are_cached_across_generations(sd15, monkeypatch):
     counted = {"scored": 0, "reads": 0}
     real_unit_abs = scores._unit_abs  # forms |ΔW| of one layer: the expensive part of scoring
-    real_read = sd15.w.a1111.read_lora
+    real_read = sd15.w.loras.read_lora
 
     def counting_unit_abs(*a: Any, **k: Any) -> Any:
         counted["scored"] += 1
@@ -1118,7 +1127,7 @@ def test_scores_are_cached_across_generations(sd15, monkeypatch):
         return real_read(*a, **k)
 
     monkeypatch.setattr(scores, "_unit_abs", counting_unit_abs)
-    monkeypatch.setattr(sd15.w.a1111, "read_lora", counting_read)
+    monkeypatch.setattr(sd15.w.loras, "read_lora", counting_read)
     panel = sd15.panel(enabled=True, content="dog", style="watercolor")
     sd15.generate(sd15.txt2img(panel=panel))
     first = dict(counted)
@@ -1182,11 +1191,11 @@ def test_stale_hooks_are_swept_by_the_next_generation(sd15, monkeypatch):
 
 
 def test_analyze_draws_the_map_without_generating(sd15):
-    common = sd15.w.a1111.common
-    image, text = sd15.w.a1111.analyze(common.KLoraArgs(enabled=True, content="dog", style="watercolor"), 12)
+    image, text = sd15.w.ext.analyze(sd15.w.args.KLoraArgs(enabled=True, content="dog", style="watercolor"),
+                                     12)
     assert image is not None and image.size[0] > 0
     assert "layers found" in text and sd15.model.calls == 0
-    image, text = sd15.w.a1111.analyze(common.KLoraArgs(enabled=True, content="dog", style="nobody"), 12)
+    image, text = sd15.w.ext.analyze(sd15.w.args.KLoraArgs(enabled=True, content="dog", style="nobody"), 12)
     assert image is None and "nobody" in text
     sd15.assert_clean()
 
@@ -1196,27 +1205,27 @@ def test_settings_and_names(sd15):
     opts = sd15.w.shared.opts
     assert opts.klora_default_pattern == "s" and opts.klora_default_show_map is False
     opts.klora_cache_size = 3
-    sd15.w.a1111.apply_cache_size()
+    sd15.w.extension.apply_cache_size()
     assert scores.cache_info()["pair_size"] == 3
     opts.klora_default_pattern = "s*"
-    assert sd15.w.a1111.panel_defaults().pattern == "s*"
-    assert sd15.w.a1111.lora_names() == ["cat", "dog", "ink", "watercolor"]
-    assert sd15.w.a1111.resolve_lora("dog").endswith("dog.safetensors")
-    with pytest.raises(sd15.w.a1111.KLoraInputError, match="no LoRA named"):
-        sd15.w.a1111.resolve_lora("nobody")
+    assert sd15.w.extension.panel_defaults().pattern == "s*"
+    assert sd15.w.loras.lora_names() == ["cat", "dog", "ink", "watercolor"]
+    assert sd15.w.loras.resolve_lora("dog").endswith("dog.safetensors")
+    with pytest.raises(sd15.w.loras.KLoraInputError, match="no LoRA named"):
+        sd15.w.loras.resolve_lora("nobody")
     scores.set_cache_size(8)
 
 
 def test_pass_schedule_matches_setup_img2img_steps(webui):
     processing = webui.processing
     p = processing.StableDiffusionProcessingImg2Img(steps=20, denoising_strength=0.3)
-    assert webui.a1111.pass_schedule(p) == (20 - int(0.3 * 20) - 1, 20)
+    assert webui.schedule.pass_schedule(p) == (20 - int(0.3 * 20) - 1, 20)
     t = processing.StableDiffusionProcessingTxt2Img(steps=20, denoising_strength=0.7, hr_second_pass_steps=10)
-    assert webui.a1111.pass_schedule(t) == (0, 20)
+    assert webui.schedule.pass_schedule(t) == (0, 20)
     t.is_hr_pass = True
-    assert webui.a1111.pass_schedule(t) == (int(10 / 0.7) - 10, int(10 / 0.7))
-    assert math.isclose(webui.a1111.pass_schedule(t)[0] / webui.a1111.pass_schedule(t)[1], 4 / 14)
+    assert webui.schedule.pass_schedule(t) == (int(10 / 0.7) - 10, int(10 / 0.7))
+    assert math.isclose(webui.schedule.pass_schedule(t)[0] / webui.schedule.pass_schedule(t)[1], 4 / 14)
     # a timestep sampler (modules/sd_samplers_timesteps.py): L - t_enc skipped, L = len(get_timesteps(…))
     ddim = webui.processing.sd_samplers.create_sampler("DDIM", None).model_wrap_cfg
-    assert webui.a1111.pass_schedule(p, ddim) == (20 - int(0.3 * 20), 20)
-    assert webui.a1111.pass_schedule(t, ddim) == (len(range(0, 1000, 1000 // 14)) - 9, 14)
+    assert webui.schedule.pass_schedule(p, ddim) == (20 - int(0.3 * 20), 20)
+    assert webui.schedule.pass_schedule(t, ddim) == (len(range(0, 1000, 1000 // 14)) - 9, 14)

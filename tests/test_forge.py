@@ -1,4 +1,4 @@
-"""klora.webui.host and klora.webui.forge against a double of Forge (tests/fake_forge/host, each item citing
+"""klora.webui.hosts and the Forge host against a double of Forge (tests/fake_forge/host, each item citing
 the Forge file and function it mirrors) with real torch modules built from Forge's ``Linear`` (not a
 torch.nn.Linear) and Forge's module names.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,8 +23,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 import klora.webui
+from klora import apply
+from klora.apply import Target
 from klora.formats import read_lora
-from klora.webui import common, host
+from klora.layers import layout
+from klora.webui import hosts as host
+from klora.webui import infotext
+from klora.webui.args import TITLE, KLoraArgs
+from klora.webui.hosts import forge as forge_host
 
 HERE = Path(__file__).parent
 HOST = HERE / "fake_forge" / "host"
@@ -41,11 +48,15 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return torch.allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
 
 
+_GLUE = ("klora.webui.session", "klora.webui.schedule", "klora.webui.extension")  # import the webui's modules
+
+
 def _purge() -> None:
     for name in list(sys.modules):
-        if name.split(".")[0] in _HOST_PACKAGES or name in ("klora.webui.a1111", "klora.webui.forge"):
+        if name.split(".")[0] in _HOST_PACKAGES or name in _GLUE:
             del sys.modules[name]
-    for attr in ("a1111", "forge"):
+    for name in _GLUE:
+        attr = name.rpartition(".")[2]
         if attr in vars(klora.webui):
             delattr(klora.webui, attr)
 
@@ -73,7 +84,7 @@ def test_detect_by_feature():
     a1111 = host.detect(_spec_finder({"modules", "ldm"}), lambda: "never called")
     assert a1111 == host.HostInfo("a1111") and a1111.supported and not a1111.is_forge
     with pytest.raises(RuntimeError, match="ldm_patched"):
-        host.adapter(ldm)
+        host.load(ldm)
 
     def broken(name: str):
         raise ValueError("bad __spec__")
@@ -90,7 +101,7 @@ def test_detect_with_the_real_import_system(monkeypatch):
         assert info == host.HostInfo("forge", "2.0.1v1.10.1")
         host.current.cache_clear()
         assert host.current() is host.current()
-        assert host.adapter(info).__name__ == "klora.webui.forge"
+        assert isinstance(host.load(info), forge_host.ForgeHost)
     finally:
         host.current.cache_clear()
         _purge()
@@ -111,17 +122,21 @@ def fx(tmp_path, monkeypatch):
     from backend.sampling import sampling_function
     from modules import extra_networks, processing, script_callbacks, shared
 
-    from klora.webui import forge
+    from klora.webui.extension import Extension, ExtraNetworkKLora
 
+    forge = Extension(forge_host.ForgeHost("2.0.1v1.10.1"))
     lora_dir = tmp_path / "Lora"
     lora_dir.mkdir()
     networks.lora_dir = str(lora_dir)
     networks.list_available_networks()
     script_callbacks.on_cfg_denoiser(forge.on_cfg_denoiser)
     script_callbacks.on_script_unloaded(forge.on_script_unloaded)
-    extra_networks.register_extra_network(forge.ExtraNetworkKLora())
+    extra_networks.register_extra_network(ExtraNetworkKLora())
+    from klora.webui import session
+
     ns = SimpleNamespace(
         forge=forge,
+        session=session,
         shared=shared,
         processing=processing,
         networks=networks,
@@ -142,9 +157,9 @@ class Script:
     """The AlwaysVisible script's hooks as scripts/klora.py wires them to the adapter (modules/scripts.py
     ScriptRunner call signatures)."""
 
-    def __init__(self, adapter, args: common.KLoraArgs | None):
+    def __init__(self, adapter, args: KLoraArgs | None):
         self.a = adapter
-        self.args = (args or common.KLoraArgs()).to_ui_values()
+        self.args = (args or KLoraArgs()).to_ui_values()
 
     def before_process(self, p):
         self.a.before_process(p, self.args)
@@ -324,7 +339,7 @@ def _run(fx, engine, p_cls, args, prompt="a dog", record=None, fail_at=None, **k
     def denoise(sd_model, x):
         if fail_at is not None and len(calls) == fail_at:
             raise RuntimeError("model failed")
-        run = fx.forge.run_of(p)
+        run = fx.session.session_of(p)
         tau = run.clock.tau if run is not None else None
         dm = sd_model.forge_objects.unet.model.diffusion_model
         with torch.no_grad():
@@ -354,8 +369,19 @@ class _Runner:
         return call
 
 
-def _enabled(**kwargs) -> common.KLoraArgs:
-    return common.KLoraArgs(**{"enabled": True, "content": "dog", "style": "watercolor", **kwargs})
+FLUX_NOTE = "Flux default pattern s*"
+
+
+def _target_shape(target: Target) -> tuple[int, ...] | None:
+    """The shape a delta must have to fit ``target`` (1×1 convs as (out, in)), None where nothing can hook."""
+    try:
+        return layout(apply.site("key", target).shape)
+    except ValueError:
+        return None
+
+
+def _enabled(**kwargs) -> KLoraArgs:
+    return KLoraArgs(**{"enabled": True, "content": "dog", "style": "watercolor", **kwargs})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,7 +398,7 @@ def test_txt2img_equals_merged_weights_and_leaves_nothing(fx):
     steps = 8
     p, calls = _run(fx, engine, fx.processing.StableDiffusionProcessingTxt2Img, _enabled(), steps=steps)
 
-    plan = fx.forge.run_of(p).last_setup.plan
+    plan = fx.session.session_of(p).last_setup.plan
     assert [c[0] for c in calls] == [i / steps for i in range(steps)]
     assert any(plan.flips(k, steps) for k in plan.layers), (
         "the pair must flip somewhere for this to test much"
@@ -385,17 +411,17 @@ def test_txt2img_equals_merged_weights_and_leaves_nothing(fx):
         assert _close(out, want), f"call {i}"
     assert _hooks_left(unet, clip) == 0
     assert _same(before, _state(unet, clip))
-    info = p.extra_generation_params[common.INFOTEXT_KEY]
+    info = p.extra_generation_params[infotext.INFOTEXT_KEY]
     assert "content: dog, style: watercolor" in info and "pattern: s," in info and "Flux" not in info
-    assert common.parse_infotext(info).content == "dog"
-    assert p.extra_generation_params[common.INFOTEXT_HASHES_KEY].startswith("content: ")
+    assert infotext.parse_infotext(info).content == "dog"
+    assert p.extra_generation_params[infotext.INFOTEXT_HASHES_KEY].startswith("content: ")
     # the factors were announced to Forge's memory manager on the patcher the pass sampled with
-    setup = fx.forge.run_of(p).last_setup
+    setup = fx.session.session_of(p).last_setup
     factors = sum(
         r * (s[1] * (s[2] * s[3] if len(s) == 4 else 1) + s[0]) for _, _, s in SD_LAYERS for r in (4, 2)
     )
-    assert fx.forge.factor_nbytes(setup, torch.float32) == 4 * factors
-    assert fx.forge.factor_nbytes(setup, torch.bfloat16) == 2 * factors
+    nbytes = lambda dtype: apply.hook_bytes(setup.plan, setup.content, setup.style, setup.unet_keys, dtype)  # noqa: E731
+    assert nbytes(torch.float32) == 4 * factors and nbytes(torch.bfloat16) == 2 * factors
     assert fx.sampling.last_preserved_memory[-1] == 4 * factors  # the KModel's computation dtype is fp32
     assert engine.forge_objects_after_applying_lora.unet.extra_preserved_memory_during_sampling == 0
 
@@ -405,13 +431,13 @@ def test_peft_sdxl_style_keys_land_where_kohya_keys_do(fx):
     _write_sd_pair(fx.lora_dir, te=False)
     engine = _sd_engine(fx)
     style = read_lora(fx.lora_dir / "watercolor.safetensors")
-    targets, missing = fx.forge.build_targets(engine, style.layers)
+    targets, missing = forge_host.build_targets(engine, style.layers)
     assert missing == []
     unet = engine.forge_objects.unet.model.diffusion_model
     for name, sgm, shape in SD_LAYERS:
         t = targets["unet/" + name.replace(".", "_")]
         assert t.module is unet.get_submodule(sgm) and t.rows is None
-        assert fx.forge.target_shape(t) == (shape[:2] if shape[2:] == (1, 1) else shape)
+        assert _target_shape(t) == (shape[:2] if shape[2:] == (1, 1) else shape)
     assert not isinstance(unet.get_submodule(SD_LAYERS[0][1]), nn.Linear)  # Forge's Linear, matched anyway
 
 
@@ -424,7 +450,7 @@ def test_text_encoder_conditioning_is_not_cached_across_generations(fx):
     assert not torch.allclose(calls1[0][2], calls2[0][2])  # K-LoRA's text-encoder deltas were applied
     assert torch.equal(calls1[0][2], calls3[0][2])  # and never leaked into the shared cache
     assert (p2.conds_computed, p3.conds_computed) == (1, 0)
-    assert common.INFOTEXT_KEY not in p1.extra_generation_params | p3.extra_generation_params
+    assert infotext.INFOTEXT_KEY not in p1.extra_generation_params | p3.extra_generation_params
 
 
 def test_img2img_and_hires_continue_tau_over_the_skipped_head(fx):
@@ -458,8 +484,9 @@ def test_img2img_and_hires_continue_tau_over_the_skipped_head(fx):
     unet = engine.forge_objects.unet.model.diffusion_model
     assert _hooks_left(unet) == 0
     # both passes sampled with the memory announced once (the hires pass calls the script twice)
-    setup = fx.forge.run_of(p).last_setup
-    assert fx.sampling.last_preserved_memory[-2:] == [fx.forge.factor_nbytes(setup, torch.float32)] * 2
+    setup = fx.session.session_of(p).last_setup
+    nbytes = apply.hook_bytes(setup.plan, setup.content, setup.style, setup.unet_keys, torch.float32)
+    assert fx.sampling.last_preserved_memory[-2:] == [nbytes] * 2
 
 
 def test_one_hook_per_module_during_hires_sampling(fx):
@@ -513,7 +540,7 @@ def test_refiner_segment_runs_without_klora(fx):
     fx.processing.process_images(p)
     assert [r[0] for r in hooks_on_refiner] == [False, False, True, True]
     assert hooks_on_refiner[0][2] > 0 and all(r[1] == 0 and r[2] == 0 for r in hooks_on_refiner[2:])
-    assert "refiner" in p.extra_generation_params[common.INFOTEXT_KEY]
+    assert "refiner" in p.extra_generation_params[infotext.INFOTEXT_KEY]
     assert _hooks_left(unet, ref_unet) == 0
 
 
@@ -556,7 +583,7 @@ def test_bad_input_warns_and_generates_without_klora(fx, args, message):
     base = copy.deepcopy(unet)
     p, calls = _run(fx, engine, fx.processing.StableDiffusionProcessingTxt2Img, args, steps=2)
     assert any(message in c for c in p.comments), p.comments
-    assert common.INFOTEXT_KEY not in p.extra_generation_params
+    assert infotext.INFOTEXT_KEY not in p.extra_generation_params
     with torch.no_grad():
         assert torch.equal(calls[0][1], base(X, calls[0][2]))
     assert _hooks_left(unet) == 0
@@ -573,10 +600,10 @@ def test_tag_over_panel_and_analyze(fx):
         prompt="a dog <klora:dog:watercolor:pattern=s*:mode=merge>",
         steps=2,
     )
-    info = common.parse_infotext(p.extra_generation_params[common.INFOTEXT_KEY])
+    info = infotext.parse_infotext(p.extra_generation_params[infotext.INFOTEXT_KEY])
     assert (info.pattern, info.mode, info.enabled) == ("s*", "merge", False)  # from a tag: pasted unticked
     image, text = fx.forge.analyze(_enabled(), 8)
-    assert image is not None and "Loaded model (Forge, sd1): 7 of 7 layers found." in text
+    assert image is not None and "Loaded model (Forge 2.0.1v1.10.1, sd1): 7 of 7 layers found." in text
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -707,7 +734,7 @@ def test_flux_generation_with_fused_rows_equals_merged_rows(flux_fx):
     calls = []
 
     def denoise(sd_model, x):
-        tau = fx.forge.run_of(p).clock.tau
+        tau = fx.session.session_of(p).clock.tau
         with torch.no_grad():
             calls.append((tau, sd_model.forge_objects.unet.model.diffusion_model(img, txt, y, t)))
         return x
@@ -716,15 +743,15 @@ def test_flux_generation_with_fused_rows_equals_merged_rows(flux_fx):
     p = fx.processing.StableDiffusionProcessingTxt2Img(prompt="x", steps=steps, denoise=denoise)
     p.scripts = _Runner([Script(fx.forge, _enabled())])
     fx.processing.process_images(p)
-    setup = fx.forge.run_of(p).last_setup
+    setup = fx.session.session_of(p).last_setup
     plan = setup.plan
     assert plan.options.pattern == "s*"  # Flux default
-    info = p.extra_generation_params[common.INFOTEXT_KEY]
-    assert "pattern: s*" in info and fx.forge.FLUX_DEFAULT_NOTE in info
+    info = p.extra_generation_params[infotext.INFOTEXT_KEY]
+    assert "pattern: s*" in info and FLUX_NOTE in info
     # every split key of both files landed on its BFL rows
     assert set(setup.unet_keys) == set(deltas["content"]) | set(deltas["style"])
     for key in setup.unet_keys:
-        target = setup.targets.modules[key]
+        target = setup.targets[key]
         path, rows = (deltas["content"].get(key) or deltas["style"][key])[:2]
         assert target.module is dm.get_submodule(path) and target.rows == rows
     assert [c[0] for c in calls] == [i / steps for i in range(steps)]
@@ -752,18 +779,18 @@ def test_flux_pattern_chosen_by_the_tag_is_kept(flux_fx):
     )
     p.scripts = _Runner([Script(fx.forge, None)])
     fx.processing.process_images(p)
-    info = p.extra_generation_params[common.INFOTEXT_KEY]
+    info = p.extra_generation_params[infotext.INFOTEXT_KEY]
     assert "pattern: s," in info and "Flux default" not in info and len(calls) == 2
-    args, note = fx.forge.with_model_defaults(_enabled(alpha=1.2), "flux")
+    args, note = fx.session.with_family_defaults(_enabled(alpha=1.2), "flux")
     assert (args.pattern, note) == ("s", None)
-    args, note = fx.forge.with_model_defaults(_enabled(), "flux", chosen={"beta"})
+    args, note = fx.session.with_family_defaults(replace(_enabled(), given={"beta"}), "flux")
     assert (args.pattern, note) == ("s", None)
-    args, note = fx.forge.with_model_defaults(_enabled(alpha=1.5, beta=0.5), "flux")  # the panel's numbers
-    assert (args.pattern, args.resolved_beta, note) == ("s*", 1.275, fx.forge.FLUX_DEFAULT_NOTE)
-    args, note = fx.forge.with_model_defaults(_enabled(), "sdxl")
+    args, note = fx.session.with_family_defaults(_enabled(alpha=1.5, beta=0.5), "flux")  # the panel's numbers
+    assert (args.pattern, args.resolved_beta, note) == ("s*", 1.275, FLUX_NOTE)
+    args, note = fx.session.with_family_defaults(_enabled(), "sdxl")
     assert (args.pattern, note) == ("s", None)
-    args, note = fx.forge.with_model_defaults(_enabled(), "flux")
-    assert (args.pattern, note) == ("s*", fx.forge.FLUX_DEFAULT_NOTE)
+    args, note = fx.session.with_family_defaults(_enabled(), "flux")
+    assert (args.pattern, note) == ("s*", FLUX_NOTE)
 
 
 def test_flux_text_encoders_are_clip_l_and_t5(fx):
@@ -773,7 +800,7 @@ def test_flux_text_encoders_are_clip_l_and_t5(fx):
         "te3/encoder_block_0_layer_0_SelfAttention_k",
         "te2/text_model_encoder_layers_0_self_attn_q_proj",
     ]
-    targets, missing = fx.forge.build_targets(engine, keys_)
+    targets, missing = forge_host.build_targets(engine, keys_)
     cond = engine.forge_objects.clip.cond_stage_model
     assert targets[keys_[0]].module is cond.clip_l.transformer.text_model.encoder.layers[0].self_attn.q_proj
     assert targets[keys_[1]].module is cond.t5xxl.transformer.encoder.block[0].layer[0].SelfAttention.k
@@ -794,9 +821,9 @@ def test_forge_key_map_agrees_with_ours_on_real_flux_sizes(fx):
         {"transformer/" + k[len("lora_transformer_") :] for k in key_map if k.startswith("lora_transformer_")}
     )
     assert len(canonical) == 19 * 14 + 38 * 6
-    ours, missing = fx.forge.build_targets(engine, canonical)
+    ours, missing = forge_host.build_targets(engine, canonical)
     assert missing == []
-    theirs = fx.forge._forge_key_map_targets(engine, canonical)
+    theirs = forge_host.forge_key_map_targets(engine, canonical)
     assert set(theirs) == set(ours)
     for key in canonical:
         assert ours[key].module is theirs[key].module, key
@@ -813,20 +840,20 @@ def test_sdxl_text_encoders_are_clip_l_and_clip_g(fx):
         "te2/text_model_encoder_layers_0_self_attn_v_proj",
         "te3/encoder_block_0_layer_0_SelfAttention_q",
     ]
-    targets, missing = fx.forge.build_targets(engine, keys_)
+    targets, missing = forge_host.build_targets(engine, keys_)
     cond = engine.forge_objects.clip.cond_stage_model
     assert targets[keys_[0]].module is cond.clip_l.transformer.text_model.encoder.layers[1].mlp.fc2
     assert targets[keys_[1]].module is cond.clip_g.transformer.text_model.encoder.layers[0].self_attn.v_proj
-    assert fx.forge.target_shape(targets[keys_[1]]) == (32, 32)
+    assert _target_shape(targets[keys_[1]]) == (32, 32)
     assert missing == [keys_[2]]
-    assert fx.forge.model_kind(engine) == "sdxl"
+    assert forge_host.ForgeHost().family(engine) == "sdxl"
 
 
 def test_forge_key_map_fallback_places_what_we_do_not(fx):
     """A key our resolution does not know (here: an SGM-named canonical key) found through Forge's key map."""
     engine = _sd_engine(fx)
     key = "unet/input_blocks_1_1_transformer_blocks_0_attn1_to_q"
-    targets, missing = fx.forge.build_targets(engine, [key, "unet/nothing_here"])
+    targets, missing = forge_host.build_targets(engine, [key, "unet/nothing_here"])
     unet = engine.forge_objects.unet.model.diffusion_model
     assert targets[key].module is unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q
     assert missing == ["unet/nothing_here"]
@@ -886,20 +913,18 @@ def test_unet_with_one_block_per_level_maps_by_its_own_layout(fx):
         "unet/up_blocks_1_resnets_1_conv2": ob[3][0].out_layers[3],
     }
     absent = [f"unet/up_blocks_1_attentions_2_{tb}_attn1_to_q", f"unet/down_blocks_1_attentions_1_{tb}_to_q"]
-    targets, missing = fx.forge.build_targets(engine, [*want, *absent])
+    targets, missing = forge_host.build_targets(engine, [*want, *absent])
     assert missing == absent
     for key, module in want.items():
         assert targets[key].module is module, key
 
 
 def test_target_shape_counts_rows_and_squeezes_1x1(fx):
-    from klora.apply import Target
-
-    assert fx.forge.target_shape(Target(nn.Linear(8, 24), slice(8, 16))) == (8, 8)
-    assert fx.forge.target_shape(Target(fx.Linear(8, 24))) == (24, 8)
-    assert fx.forge.target_shape(Target(nn.Conv2d(4, 6, 1))) == (6, 4)
-    assert fx.forge.target_shape(Target(nn.Conv2d(4, 6, 3))) == (6, 4, 3, 3)
-    assert fx.forge.target_shape(Target(nn.LayerNorm(4))) is None
+    assert _target_shape(Target(nn.Linear(8, 24), slice(8, 16))) == (8, 8)
+    assert _target_shape(Target(fx.Linear(8, 24))) == (24, 8)
+    assert _target_shape(Target(nn.Conv2d(4, 6, 1))) == (6, 4)
+    assert _target_shape(Target(nn.Conv2d(4, 6, 3))) == (6, 4, 3, 3)
+    assert _target_shape(Target(nn.LayerNorm(4))) is None
 
 
 def test_the_script_wires_every_hook_to_the_forge_adapter(fx):
@@ -910,15 +935,15 @@ def test_the_script_wires_every_hook_to_the_forge_adapter(fx):
     spec = importlib.util.spec_from_file_location("klora.py", HERE.parent / "scripts" / "klora.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.impl is fx.forge
+    assert isinstance(module.ext.host, forge_host.ForgeHost) and module.ext.host.label == "Forge 2.0.1v1.10.1"
     assert module.HOST_ERROR is None
     registered = {
         name: [fn for _, fn in fns] for name, fns in fx.callbacks.callback_map.items()
     }
-    assert fx.forge.on_cfg_denoiser in registered["callbacks_cfg_denoiser"]
-    assert fx.forge.on_before_ui in registered["callbacks_before_ui"]
-    assert fx.forge.on_ui_settings in registered["callbacks_ui_settings"]
-    assert fx.forge.on_app_started in registered["callbacks_app_started"]
+    assert module.ext.on_cfg_denoiser in registered["callbacks_cfg_denoiser"]
+    assert module.ext.on_before_ui in registered["callbacks_before_ui"]
+    assert module.ext.on_ui_settings in registered["callbacks_ui_settings"]
+    assert module.ext.on_app_started in registered["callbacks_app_started"]
     script = module.KLoraScript()
-    assert script.title() == common.TITLE
+    assert script.title() == TITLE
     assert script.show(False) is module.scripts.AlwaysVisible

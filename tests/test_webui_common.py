@@ -17,15 +17,13 @@ from dataclasses import fields, replace
 
 import pytest
 
-from klora.webui import common as c
-from klora.webui.common import (
-    ARG_NAMES,
-    INFOTEXT_HASHES_KEY,
-    INFOTEXT_KEY,
-    KLoraArgs,
-    KLoraArgsError,
-    TagError,
-)
+from klora import options
+from klora.webui import api, infotext, panel, xyz
+from klora.webui import args as args_mod
+from klora.webui import tag as tag_mod
+from klora.webui.args import ARG_NAMES, KLoraArgs, KLoraArgsError
+from klora.webui.infotext import INFOTEXT_HASHES_KEY, INFOTEXT_KEY
+from klora.webui.tag import TagError
 
 # ----------------------------------------------------------------------------------------------------------
 # doubles of the webui
@@ -182,14 +180,14 @@ def test_require_pair_returns_args():
     assert args.require_pair() is args
 
 
-def test_fusion_kwargs():
+def test_fusion_options_fields():
     args = KLoraArgs(content="a", style="b", pattern="s*", gamma="manual", gamma_value=2.5, mode="topk",
                      scope="attention", te="style", content_strength=0.8, style_strength=1.2)
-    assert args.fusion_kwargs(seed=42) == {
-        "pattern": "s*", "alpha": 1.5, "beta": 1.275, "gamma": 2.5, "mode": "topk", "scope": "attention",
-        "te": "style", "content_strength": 0.8, "style_strength": 1.2, "seed": 42}
-    assert KLoraArgs(gamma="paper").fusion_kwargs(0)["gamma"] == "paper"
-    assert KLoraArgs().fusion_kwargs(0)["gamma"] == "auto"
+    assert args.to_fusion_options(seed=42) == options.FusionOptions(
+        pattern="s*", alpha=1.5, beta=1.275, gamma=2.5, mode="topk", scope="attention", te="style",
+        content_strength=0.8, style_strength=1.2, seed=42)
+    assert KLoraArgs(gamma="paper").to_fusion_options(0).gamma == "paper"
+    assert KLoraArgs().to_fusion_options(0).gamma == "auto"
 
 
 def test_to_fusion_options():
@@ -201,12 +199,11 @@ def test_to_fusion_options():
     assert (options.pattern, options.alpha, options.beta, options.gamma) == ("s*", 1.5, 1.0, 2.0)
     assert (options.mode, options.scope, options.te, options.seed) == ("random", "all", "none", 7)
     assert (options.content_strength, options.style_strength) == (1.0, 1.0)
-    # the panel shows the engine's defaults
-    assert {n: (p.alpha, p.beta) for n, p in fusion.PATTERNS.items()} == c.PATTERN_DEFAULTS
 
 
 def test_module_imports_without_webui_or_gradio():
-    code = ("import sys, klora.webui.common; "
+    code = ("import sys, klora.webui.args, klora.webui.tag, klora.webui.infotext, klora.webui.xyz, "
+            "klora.webui.api, klora.webui.panel; "
             "bad = [m for m in ('gradio', 'modules', 'torch') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -219,111 +216,113 @@ def test_module_imports_without_webui_or_gradio():
 def test_full_positional_list_of_panel_values():
     values = [True, "dog", "watercolor", 0.8, 1.1, "s* (official)", 1.5, 1.0, "manual", 2.5, "Top-K only",
               "Attention only", "Content", True]
-    args = c.from_script_args(tuple(values))
+    args = args_mod.from_script_args(tuple(values))
     assert args == KLoraArgs(True, "dog", "watercolor", 0.8, 1.1, "s*", 1.5, 1.0, "manual", 2.5, "topk",
                              "attention", "content", True)
     assert args.to_ui_values() == values
 
 
 def test_positional_codes_are_accepted_too():
-    args = c.from_script_args([True, "a", "b", 1, 1, "s*", None, None, "paper", 1, "merge", "all", "none"])
+    args = args_mod.from_script_args([True, "a", "b", 1, 1, "s*", None, None, "paper", 1, "merge", "all",
+                                      "none"])
     assert (args.pattern, args.alpha, args.beta, args.gamma, args.mode, args.te) == \
         ("s*", None, None, "paper", "merge", "none")
     assert args.resolved_beta == 1.275
 
 
 def test_short_positional_list_takes_defaults():
-    assert c.from_script_args([True, "dog", "wc"]) == KLoraArgs(enabled=True, content="dog", style="wc")
-    assert c.from_script_args([]) == KLoraArgs()
-    assert c.from_script_args([False]) == KLoraArgs()
+    assert args_mod.from_script_args([True, "dog", "wc"]) == KLoraArgs(enabled=True, content="dog",
+                                                                         style="wc")
+    assert args_mod.from_script_args([]) == KLoraArgs()
+    assert args_mod.from_script_args([False]) == KLoraArgs()
 
 
 def test_none_in_the_list_means_default():
-    args = c.from_script_args([True, "dog", "wc", None, 0.5, None])
+    args = args_mod.from_script_args([True, "dog", "wc", None, 0.5, None])
     assert (args.content_strength, args.style_strength, args.pattern) == (1.0, 0.5, "s")
 
 
 def test_default_panel_values_round_trip():
-    assert c.from_script_args(KLoraArgs().to_ui_values()) == KLoraArgs().resolved()
+    assert args_mod.from_script_args(KLoraArgs().to_ui_values()) == KLoraArgs().resolved()
     star = KLoraArgs(pattern="s*")
-    assert c.from_script_args(star.to_ui_values()) == star.resolved()
+    assert args_mod.from_script_args(star.to_ui_values()) == star.resolved()
 
 
 def test_none_dropdown_value_is_no_lora():
-    args = c.from_script_args([True, "None", " None "])
+    args = args_mod.from_script_args([True, "None", " None "])
     assert (args.content, args.style) == ("", "")
 
 
 def test_gamma_number_at_gamma_position_beats_gamma_value_position():
-    args = c.from_script_args([True, "a", "b", 1, 1, "s", 1.5, 0.5, 3.0, 1.0])
+    args = args_mod.from_script_args([True, "a", "b", 1, 1, "s", 1.5, 0.5, 3.0, 1.0])
     assert (args.gamma, args.gamma_value) == ("manual", 3.0)
 
 
 def test_too_long_list():
     with pytest.raises(KLoraArgsError, match="at most 14"):
-        c.from_script_args([False] * 15)
+        args_mod.from_script_args([False] * 15)
 
 
 @pytest.mark.parametrize("bad", ["dog", b"x", 3, None])
 def test_not_a_list_or_dict(bad):
     with pytest.raises(KLoraArgsError, match="list or a dict"):
-        c.from_script_args(bad)
+        args_mod.from_script_args(bad)
 
 
 def test_api_form_list_holding_one_dict():
     defaults = KLoraArgs().to_ui_values()
     payload = [{"content": "dog", "style": "watercolor"}, *defaults[1:]]
-    args = c.from_script_args(payload)
+    args = args_mod.from_script_args(payload)
     assert args == KLoraArgs(enabled=True, content="dog", style="watercolor")
-    assert c.from_script_args([{"content": "dog", "style": "watercolor"}]) == args
-    assert c.from_script_args({"content": "dog", "style": "watercolor"}) == args
+    assert args_mod.from_script_args([{"content": "dog", "style": "watercolor"}]) == args
+    assert args_mod.from_script_args({"content": "dog", "style": "watercolor"}) == args
 
 
 def test_dict_every_field_and_alias():
-    args = c.from_script_args([{
+    args = args_mod.from_script_args([{
         "enable": True, "content_lora": "dog", "style_lora": "wc", "cw": 0.7, "sw": "1.3", "pattern": "s*",
         "alpha": "2", "beta": 1, "gamma": "paper", "mode": "Fixed schedule", "scope": "attn",
         "text_encoder": "style only", "map": "yes"}])
     assert args == KLoraArgs(True, "dog", "wc", 0.7, 1.3, "s*", 2.0, 1.0, "paper", 1.0, "fixed", "attention",
                              "style", True)
-    assert c.from_dict({"content_weight": 2, "style_weight": 3}).content_strength == 2.0
+    assert args_mod.from_dict({"content_weight": 2, "style_weight": 3}).content_strength == 2.0
 
 
 def test_dict_enabled_false_and_null_alpha():
-    args = c.from_dict({"enabled": False, "content": "a", "style": "b", "pattern": "s*", "alpha": None,
+    args = args_mod.from_dict({"enabled": False, "content": "a", "style": "b", "pattern": "s*", "alpha": None,
                         "beta": None})
     assert not args.enabled and args.alpha is None and args.resolved_beta == 1.275
 
 
 def test_dict_pattern_without_beta_uses_pattern_default():
-    assert c.from_dict({"content": "a", "style": "b", "pattern": "s*"}).resolved_beta == 1.275
+    assert args_mod.from_dict({"content": "a", "style": "b", "pattern": "s*"}).resolved_beta == 1.275
 
 
 def test_dict_gamma_number_and_manual():
-    assert c.from_dict({"gamma": 2.5}).gamma_option == 2.5
-    assert c.from_dict({"gamma": "2.5"}).gamma_option == 2.5
-    assert c.from_dict({"gamma": "manual", "gamma_value": 4}).gamma_option == 4.0
-    assert c.from_dict({"gamma_value": 4, "gamma": "manual"}).gamma_option == 4.0
+    assert args_mod.from_dict({"gamma": 2.5}).gamma_option == 2.5
+    assert args_mod.from_dict({"gamma": "2.5"}).gamma_option == 2.5
+    assert args_mod.from_dict({"gamma": "manual", "gamma_value": 4}).gamma_option == 4.0
+    assert args_mod.from_dict({"gamma_value": 4, "gamma": "manual"}).gamma_option == 4.0
     for data in ({"gamma": 2.0, "gamma_value": 3.0}, {"gamma_value": 3.0, "gamma": 2.0}):
         with pytest.raises(KLoraArgsError, match="give one"):
-            c.from_dict(data)
+            args_mod.from_dict(data)
 
 
 def test_dict_unknown_key_names_it_and_the_known_ones():
     with pytest.raises(KLoraArgsError) as err:
-        c.from_script_args([{"content": "a", "colour": "red"}])
+        args_mod.from_script_args([{"content": "a", "colour": "red"}])
     message = str(err.value)
     assert "'colour'" in message and "content_strength" in message and "cw" in message
 
 
 def test_dict_key_given_twice_through_an_alias():
     with pytest.raises(KLoraArgsError, match="given twice"):
-        c.from_dict({"cw": 1, "content_strength": 2})
+        args_mod.from_dict({"cw": 1, "content_strength": 2})
 
 
 def test_dict_non_string_key():
     with pytest.raises(KLoraArgsError, match="unknown"):
-        c.from_dict({1: "a"})
+        args_mod.from_dict({1: "a"})
 
 
 @pytest.mark.parametrize(("key", "value", "expect"), [
@@ -354,7 +353,7 @@ def test_dict_non_string_key():
 def test_bad_values_name_the_field_and_the_allowed_values(key, value, expect):
     for payload in ([{key: value}], _positional(key, value)):
         with pytest.raises(KLoraArgsError) as err:
-            c.from_script_args(payload)
+            args_mod.from_script_args(payload)
         assert expect in str(err.value)
         assert key in str(err.value)
 
@@ -367,7 +366,7 @@ def _positional(key, value):
 
 def test_choice_errors_list_panel_labels_too():
     with pytest.raises(KLoraArgsError) as err:
-        c.from_dict({"mode": "best"})
+        args_mod.from_dict({"mode": "best"})
     assert "'Top-K only'" in str(err.value) and "'Direct merge'" in str(err.value)
 
 
@@ -380,13 +379,13 @@ def test_choice_errors_list_panel_labels_too():
     ("gamma", "Paper (eq. 9)", "paper"), ("gamma", "AUTO", "auto"),
 ])
 def test_choice_spellings(field, text, code):
-    assert getattr(c.from_dict({field: text}), field) == code
+    assert getattr(args_mod.from_dict({field: text}), field) == code
 
 
 def test_to_dict_round_trip():
     args = KLoraArgs(True, "dog", "wc", 0.5, 1.5, "s*", None, 2.0, "manual", 3.0, "random", "attention",
                      "none", True)
-    assert c.from_script_args([args.to_dict()]) == args
+    assert args_mod.from_script_args([args.to_dict()]) == args
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -394,48 +393,48 @@ def test_to_dict_round_trip():
 
 
 def test_tag_basic():
-    args = c.parse_tag(tags_in("a dog <klora:dog:watercolor> in a park"))
+    args = tag_mod.parse_tag(tags_in("a dog <klora:dog:watercolor> in a park"))
     assert args == KLoraArgs(enabled=True, content="dog", style="watercolor")
     assert args.given == {"enabled", "content", "style"}
 
 
 def test_no_tag():
-    assert c.parse_tag([]) is None
-    assert c.parse_tag(None) is None
+    assert tag_mod.parse_tag([]) is None
+    assert tag_mod.parse_tag(None) is None
 
 
 def test_tag_every_option():
     prompt = ("<klora:dog:wc:cw=0.8:sw=1.2:alpha=2:beta=0.75:pattern=s*:gamma=paper:mode=topk:"
               "scope=attention:te=content:map=yes>")
-    args = c.parse_tag(tags_in(prompt))
+    args = tag_mod.parse_tag(tags_in(prompt))
     assert args == KLoraArgs(True, "dog", "wc", 0.8, 1.2, "s*", 2.0, 0.75, "paper", 1.0, "topk", "attention",
                              "content", True)
 
 
 def test_tag_long_names_and_gamma_number():
-    args = c.parse_tag(tags_in("<klora:dog:wc:content_strength=0.5:style_strength=2:gamma=2.25>"))
+    args = tag_mod.parse_tag(tags_in("<klora:dog:wc:content_strength=0.5:style_strength=2:gamma=2.25>"))
     assert (args.content_strength, args.style_strength, args.gamma, args.gamma_value) == \
         (0.5, 2.0, "manual", 2.25)
     assert {"gamma", "gamma_value"} <= args.given
 
 
 def test_tag_positional_strengths():
-    args = c.parse_tag(tags_in("<klora:dog:wc:0.6>"))
+    args = tag_mod.parse_tag(tags_in("<klora:dog:wc:0.6>"))
     assert (args.content_strength, args.style_strength) == (0.6, 1.0)
-    args = c.parse_tag(tags_in("<klora:dog:wc:0.6:1.4:mode=merge>"))
+    args = tag_mod.parse_tag(tags_in("<klora:dog:wc:0.6:1.4:mode=merge>"))
     assert (args.content_strength, args.style_strength, args.mode) == (0.6, 1.4, "merge")
 
 
 def test_tag_spaces_are_trimmed():
-    args = c.parse_tag(tags_in("<klora: my dog : water color : alpha = 2 >"))
+    args = tag_mod.parse_tag(tags_in("<klora: my dog : water color : alpha = 2 >"))
     assert (args.content, args.style, args.alpha) == ("my dog", "water color", 2.0)
 
 
 def test_tag_without_named_attributes_is_read_from_items():
     params = types.SimpleNamespace(items=["dog", "wc", "beta=1"])
-    assert c.parse_tag([params]).beta == 1.0
+    assert tag_mod.parse_tag([params]).beta == 1.0
     params = types.SimpleNamespace(positional=["dog", "wc"], named={"beta": "1"})
-    assert c.parse_tag([params]).beta == 1.0
+    assert tag_mod.parse_tag([params]).beta == 1.0
 
 
 @pytest.mark.parametrize(("prompt", "expect"), [
@@ -468,7 +467,7 @@ def test_tag_without_named_attributes_is_read_from_items():
 ])
 def test_tag_errors(prompt, expect):
     with pytest.raises(TagError) as err:
-        c.parse_tag(tags_in(prompt))
+        tag_mod.parse_tag(tags_in(prompt))
     assert expect in str(err.value)
     assert isinstance(err.value, KLoraArgsError)
     if "needs two" not in expect:
@@ -477,7 +476,7 @@ def test_tag_errors(prompt, expect):
 
 def test_two_tags_is_an_error_naming_both():
     with pytest.raises(TagError) as err:
-        c.parse_tag(tags_in("<klora:dog:wc> and <klora:cat:oil:alpha=2>"))
+        tag_mod.parse_tag(tags_in("<klora:dog:wc> and <klora:cat:oil:alpha=2>"))
     message = str(err.value)
     assert "2 <klora> tags" in message and "<klora:dog:wc>" in message
     assert "<klora:cat:oil:alpha=2>" in message
@@ -490,13 +489,13 @@ def test_format_tag_round_trip():
                  KLoraArgs(True, "dog", "wc", 0.5, 1.5, "s*", 2.0, 0.25, "manual", 3.0, "random", "attention",
                            "none"),
                  KLoraArgs(True, "dog", "wc", pattern="s*", gamma="paper", mode="merge")):
-        text = c.format_tag(args)
-        merged = c.merge_tag_over_panel(KLoraArgs(), c.parse_tag(tags_in(text)))
+        text = tag_mod.format_tag(args)
+        merged = tag_mod.merge_tag_over_panel(KLoraArgs(), tag_mod.parse_tag(tags_in(text)))
         assert merged.resolved() == args.resolved(), text
-    assert c.format_tag(KLoraArgs(True, "dog", "wc")) == "<klora:dog:wc>"
+    assert tag_mod.format_tag(KLoraArgs(True, "dog", "wc")) == "<klora:dog:wc>"
     for bad in ("a:b", "a>b", "a=b", ""):
         with pytest.raises(KLoraArgsError):
-            c.format_tag(KLoraArgs(content=bad, style="wc"))
+            tag_mod.format_tag(KLoraArgs(content=bad, style="wc"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -509,42 +508,43 @@ PANEL = KLoraArgs(enabled=False, content="panel_c", style="panel_s", content_str
 
 
 def test_tag_names_win_and_panel_options_stay():
-    merged = c.merge_tag_over_panel(PANEL, c.parse_tag(tags_in("<klora:dog:wc:alpha=3>")))
+    merged = tag_mod.merge_tag_over_panel(PANEL, tag_mod.parse_tag(tags_in("<klora:dog:wc:alpha=3>")))
     assert merged == replace(PANEL, enabled=True, content="dog", style="wc", alpha=3.0)
-    assert merged.given == frozenset()
+    assert merged.given == {"enabled", "content", "style", "alpha"}  # what the tag chose
 
 
 def test_no_tag_keeps_panel():
-    assert c.merge_tag_over_panel(PANEL, None) is PANEL
+    assert tag_mod.merge_tag_over_panel(PANEL, None) is PANEL
 
 
 def test_tag_pattern_switch_moves_alpha_beta_to_its_defaults():
-    merged = c.merge_tag_over_panel(PANEL, c.parse_tag(tags_in("<klora:dog:wc:pattern=s*>")))
+    merged = tag_mod.merge_tag_over_panel(PANEL, tag_mod.parse_tag(tags_in("<klora:dog:wc:pattern=s*>")))
     assert (merged.pattern, merged.resolved_alpha, merged.resolved_beta) == ("s*", 1.5, 1.275)
-    merged = c.merge_tag_over_panel(PANEL, c.parse_tag(tags_in("<klora:dog:wc:pattern=s*:beta=1>")))
+    tag = tag_mod.parse_tag(tags_in("<klora:dog:wc:pattern=s*:beta=1>"))
+    merged = tag_mod.merge_tag_over_panel(PANEL, tag)
     assert (merged.resolved_alpha, merged.resolved_beta) == (1.5, 1.0)
     # same pattern as the panel: the panel's α/β stay
-    merged = c.merge_tag_over_panel(PANEL, c.parse_tag(tags_in("<klora:dog:wc:pattern=s>")))
+    merged = tag_mod.merge_tag_over_panel(PANEL, tag_mod.parse_tag(tags_in("<klora:dog:wc:pattern=s>")))
     assert (merged.alpha, merged.beta) == (1.25, 0.7)
 
 
 def test_tag_gamma_over_panel_manual():
-    merged = c.merge_tag_over_panel(PANEL, c.parse_tag(tags_in("<klora:dog:wc:gamma=auto>")))
+    merged = tag_mod.merge_tag_over_panel(PANEL, tag_mod.parse_tag(tags_in("<klora:dog:wc:gamma=auto>")))
     assert merged.gamma_option == "auto"
-    merged = c.merge_tag_over_panel(KLoraArgs(), c.parse_tag(tags_in("<klora:dog:wc:gamma=4>")))
+    merged = tag_mod.merge_tag_over_panel(KLoraArgs(), tag_mod.parse_tag(tags_in("<klora:dog:wc:gamma=4>")))
     assert merged.gamma_option == 4.0
 
 
 def test_tag_without_given_replaces_whole_panel():
     tag = KLoraArgs(enabled=True, content="dog", style="wc")
-    assert c.merge_tag_over_panel(PANEL, tag) == replace(tag, enabled=True)
+    assert tag_mod.merge_tag_over_panel(PANEL, tag) == replace(tag, enabled=True)
 
 
 class P:
     """Stands in for a StableDiffusionProcessing object (only attributes are set on it)."""
 
 
-def xyz_run(axis: c.XyzAxis, p, raw_values: list[str]):
+def xyz_run(axis: xyz.XyzAxis, p, raw_values: list[str]):
     """What scripts/xyz_grid.py ``Script.run`` does with one axis: ``process_axis`` converts each value with
     ``opt.type`` and calls ``opt.confirm(p, valslist)``; ``cell`` makes ``pc = copy(p)`` and calls
     ``opt.apply(pc, x, xs)`` before ``process_images(pc)``."""
@@ -559,19 +559,19 @@ def xyz_run(axis: c.XyzAxis, p, raw_values: list[str]):
     return cells
 
 
-def axis(label: str, lora_names=None) -> c.XyzAxis:
-    return next(a for a in c.xyz_axes(lora_names) if a.label == f"[K-LoRA] {label}")
+def axis(label: str, lora_names=None) -> xyz.XyzAxis:
+    return next(a for a in xyz.axes(lora_names) if a.label == f"[K-LoRA] {label}")
 
 
 def test_xyz_axes_labels_and_choices():
-    labels = [a.label for a in c.xyz_axes(lambda: ["dog", "wc"])]
+    labels = [a.label for a in xyz.axes(lambda: ["dog", "wc"])]
     for name in ("Content LoRA", "Style LoRA", "Alpha", "Beta", "Pattern", "Mode", "Gamma",
                  "Content strength", "Style strength", "Enabled", "Scope", "Text encoder"):
         assert f"[K-LoRA] {name}" in labels
     assert len(labels) == len(set(labels))
     assert axis("Content LoRA", lambda: ["dog", "wc"]).choices() == ["dog", "wc"]
     assert axis("Content LoRA").choices is None
-    assert axis("Mode").choices() == list(c.MODE_LABELS.values())
+    assert axis("Mode").choices() == list(options.option('mode').choices.values())
     assert axis("Pattern").choices() == ["s (paper)", "s* (official)"]
 
 
@@ -588,8 +588,8 @@ def test_xyz_two_axes_compose():
     pc = copy(p)
     axis("Mode").apply(pc, "Top-K only", [])
     axis("Content LoRA").apply(pc, "cat", [])
-    assert c.xyz_overrides(pc) == {"mode": "topk", "content": "cat"}
-    assert c.xyz_overrides(P()) == {}
+    assert xyz.overrides(pc) == {"mode": "topk", "content": "cat"}
+    assert xyz.overrides(P()) == {}
 
 
 def test_xyz_every_axis_applies():
@@ -607,7 +607,7 @@ def test_xyz_every_axis_applies():
         "Scope": ("Attention only", {"scope": "attention"}),
         "Text encoder": ("None", {"te": "none"}),
     }
-    assert set(cases) == {a.label.removeprefix("[K-LoRA] ") for a in c.xyz_axes()}
+    assert set(cases) == {a.label.removeprefix("[K-LoRA] ") for a in xyz.axes()}
     for label, (raw, expected) in cases.items():
         (cell,) = xyz_run(axis(label), P(), [raw])
         assert cell._klora_xyz == expected, label
@@ -629,28 +629,28 @@ def test_xyz_confirm_rejects_before_any_image(label, raw):
 
 def test_apply_xyz_overrides():
     p = P()
-    assert c.apply_xyz_overrides(PANEL, p) is PANEL
+    assert xyz.apply_overrides(PANEL, p) is PANEL
     p._klora_xyz = {"mode": "merge"}
-    assert c.apply_xyz_overrides(PANEL, p) == replace(PANEL, enabled=True, mode="merge")
+    assert xyz.apply_overrides(PANEL, p) == replace(PANEL, enabled=True, mode="merge")
     p._klora_xyz = {"enabled": False, "mode": "merge"}
-    assert not c.apply_xyz_overrides(replace(PANEL, enabled=True), p).enabled
+    assert not xyz.apply_overrides(replace(PANEL, enabled=True), p).enabled
     p._klora_xyz = {"pattern": "s*"}
-    result = c.apply_xyz_overrides(PANEL, p)
+    result = xyz.apply_overrides(PANEL, p)
     assert (result.resolved_alpha, result.resolved_beta) == (1.5, 1.275)
     p._klora_xyz = {"pattern": "s*", "beta": 2.0}
-    assert c.apply_xyz_overrides(PANEL, p).resolved_beta == 2.0
+    assert xyz.apply_overrides(PANEL, p).resolved_beta == 2.0
     p._klora_xyz = "not a dict"
-    assert c.apply_xyz_overrides(PANEL, p) is PANEL
+    assert xyz.apply_overrides(PANEL, p) is PANEL
 
 
 def test_effective_args_precedence_panel_tag_xyz():
-    tag = c.parse_tag(tags_in("<klora:dog:wc:alpha=3:mode=topk>"))
+    tag = tag_mod.parse_tag(tags_in("<klora:dog:wc:alpha=3:mode=topk>"))
     p = P()
     p._klora_xyz = {"alpha": 4.0}
-    result = c.effective_args(PANEL, tag, p)
+    result = xyz.effective_args(PANEL, tag, p)
     assert (result.content, result.alpha, result.mode, result.beta, result.enabled) == \
         ("dog", 4.0, "topk", 0.7, True)
-    assert c.effective_args(PANEL, None, None) is PANEL
+    assert xyz.effective_args(PANEL, None, None) is PANEL
 
 
 class AxisOption:
@@ -685,12 +685,12 @@ def fake_webui_scripts(monkeypatch, with_xyz=True):
 
 
 def test_register_xyz_axes_once(monkeypatch):
-    xyz = fake_webui_scripts(monkeypatch)
-    assert c.register_xyz_axes(lambda: ["dog"]) == len(c.xyz_axes())
-    assert c.register_xyz_axes(lambda: ["dog"]) == 0  # before_ui runs again on UI reload
-    labels = [o.label for o in xyz.axis_options]
-    assert labels[:2] == ["Nothing", "Seed"] and len(labels) == 2 + len(c.xyz_axes())
-    content = next(o for o in xyz.axis_options if o.label == "[K-LoRA] Content LoRA")
+    grid = fake_webui_scripts(monkeypatch)
+    assert xyz.register_axes(lambda: ["dog"]) == len(xyz.axes())
+    assert xyz.register_axes(lambda: ["dog"]) == 0  # before_ui runs again on UI reload
+    labels = [o.label for o in grid.axis_options]
+    assert labels[:2] == ["Nothing", "Seed"] and len(labels) == 2 + len(xyz.axes())
+    content = next(o for o in grid.axis_options if o.label == "[K-LoRA] Content LoRA")
     assert content.choices() == ["dog"] and content.cost == 0.5 and content.format_value is None
     p = P()
     content.apply(p, "dog", ["dog"])
@@ -699,7 +699,7 @@ def test_register_xyz_axes_once(monkeypatch):
 
 def test_register_xyz_axes_without_xyz_script(monkeypatch):
     fake_webui_scripts(monkeypatch, with_xyz=False)
-    assert c.register_xyz_axes() == 0
+    assert xyz.register_axes() == 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -708,19 +708,19 @@ def test_register_xyz_axes_without_xyz_script(monkeypatch):
 
 def test_format_infotext_states_everything():
     args = KLoraArgs(enabled=True, content="dog", style="watercolor")
-    assert c.format_infotext(args, 2.2912) == (
+    assert infotext.format_infotext(args, 2.2912) == (
         "content: dog, style: watercolor, cw: 1, sw: 1, pattern: s, alpha: 1.5, beta: 0.5, "
         "gamma: auto 2.291, mode: klora, scope: all, te: both")
     star = KLoraArgs(True, "dog", "wc", 0.8, 1.25, "s*", gamma="manual", gamma_value=3.5, mode="fixed",
                      scope="attention", te="none")
-    assert c.format_infotext(star, 9.9, note="refiner segment without K-LoRA") == (
+    assert infotext.format_infotext(star, 9.9, note="refiner segment without K-LoRA") == (
         "content: dog, style: wc, cw: 0.8, sw: 1.25, pattern: s*, alpha: 1.5, beta: 1.275, gamma: 3.5, "
         "mode: fixed, scope: attention, te: none, note: refiner segment without K-LoRA")
-    assert "gamma: paper, " in c.format_infotext(replace(args, gamma="paper"), None)
-    assert "gamma: auto, " in c.format_infotext(args, float("nan"))
+    assert "gamma: paper, " in infotext.format_infotext(replace(args, gamma="paper"), None)
+    assert "gamma: auto, " in infotext.format_infotext(args, float("nan"))
     # only mode klora uses γ: the others do not claim a value
-    assert "gamma: auto, mode: topk" in c.format_infotext(replace(args, mode="topk"), 2.0)
-    assert c.format_infotext(args, None, from_tag=True).endswith("te: both, source: tag")
+    assert "gamma: auto, mode: topk" in infotext.format_infotext(replace(args, mode="topk"), 2.0)
+    assert infotext.format_infotext(args, None, from_tag=True).endswith("te: both, source: tag")
 
 
 NAMES = ["dog", "my dog v2", "a,b", "x: y", 'quote"d', "back\\slash", "ünïcödé 犬", "a=b", " padded ",
@@ -731,12 +731,12 @@ NAMES = ["dog", "my dog v2", "a,b", "x: y", 'quote"d', "back\\slash", "ünïcöd
 def test_infotext_round_trip_through_a1111_parse(name):
     args = KLoraArgs(True, name, "style " + name, 0.85, 1.1, "s*", 1.75, 1.2, "manual", 2.125, "random",
                      "attention", "style", False)
-    value = c.format_infotext(args, None, note=f"note about {name}")
-    params = through_a1111(value, c.format_hashes("0123abcd", "fedc9876"))
+    value = infotext.format_infotext(args, None, note=f"note about {name}")
+    params = through_a1111(value, infotext.format_hashes("0123abcd", "fedc9876"))
     assert params[INFOTEXT_KEY] == value
     assert params["Steps"] == "20" and params["Size-1"] == "512" and params["Version"] == "v1.10.1"
-    assert c.parse_infotext(params[INFOTEXT_KEY]) == args
-    assert c.parse_hashes(params[INFOTEXT_HASHES_KEY]) == {"content": "0123abcd", "style": "fedc9876"}
+    assert infotext.parse_infotext(params[INFOTEXT_KEY]) == args
+    assert infotext.parse_hashes(params[INFOTEXT_HASHES_KEY]) == {"content": "0123abcd", "style": "fedc9876"}
 
 
 @pytest.mark.parametrize("args", [
@@ -746,8 +746,8 @@ def test_infotext_round_trip_through_a1111_parse(name):
     KLoraArgs(True, "dog", "wc", -1.5, 3.0, "s*", 4.0, 2.5, "auto", 7.0, "topk", "attention", "both"),
 ])
 def test_infotext_round_trip_restores_the_panel(args):
-    value = c.format_infotext(args, 1.2345)
-    restored = c.parse_infotext(through_a1111(value)[INFOTEXT_KEY])
+    value = infotext.format_infotext(args, 1.2345)
+    restored = infotext.parse_infotext(through_a1111(value)[INFOTEXT_KEY])
     # α/β are written as the values used; auto/paper γ restore as auto/paper (the value is recomputed)
     expected = args.resolved()
     if args.gamma != "manual":
@@ -758,14 +758,14 @@ def test_infotext_round_trip_restores_the_panel(args):
 
 def test_infotext_from_tag_restores_with_the_box_unticked():
     args = KLoraArgs(True, "dog", "wc", mode="topk")
-    restored = c.parse_infotext(c.format_infotext(args, 2.0, from_tag=True))
+    restored = infotext.parse_infotext(infotext.format_infotext(args, 2.0, from_tag=True))
     assert restored == replace(args.resolved(), enabled=False)
 
 
 def test_parse_infotext_ignores_unknown_keys_and_fills_defaults():
-    args = c.parse_infotext("content: dog, style: wc, future: 3, gamma: paper 1.5")
+    args = infotext.parse_infotext("content: dog, style: wc, future: 3, gamma: paper 1.5")
     assert args == KLoraArgs(True, "dog", "wc", gamma="paper")
-    assert c.parse_infotext("content: dog, style: wc, gamma: manual 2").gamma_option == 2.0
+    assert infotext.parse_infotext("content: dog, style: wc, gamma: manual 2").gamma_option == 2.0
 
 
 @pytest.mark.parametrize(("value", "expect"), [
@@ -780,17 +780,17 @@ def test_parse_infotext_ignores_unknown_keys_and_fills_defaults():
 ])
 def test_parse_infotext_errors(value, expect):
     with pytest.raises(KLoraArgsError, match=expect):
-        c.parse_infotext(value)
+        infotext.parse_infotext(value)
     with pytest.raises(KLoraArgsError):
-        c.parse_infotext(3)
+        infotext.parse_infotext(3)
 
 
 def test_hashes_helpers():
-    assert c.format_hashes("abc", "def") == "content: abc, style: def"
-    assert c.format_hashes(None, "def") == "style: def"
-    assert c.format_hashes(None, "") is None
-    assert c.parse_hashes("content: abc, style: def, other: x") == {"content": "abc", "style": "def"}
-    assert c.parse_hashes(None) == {}
+    assert infotext.format_hashes("abc", "def") == "content: abc, style: def"
+    assert infotext.format_hashes(None, "def") == "style: def"
+    assert infotext.format_hashes(None, "") is None
+    assert infotext.parse_hashes("content: abc, style: def, other: x") == {"content": "abc", "style": "def"}
+    assert infotext.parse_hashes(None) == {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -814,12 +814,12 @@ def paste_like_a1111(getter, params, component_value):
 def test_paste_values_restore_every_panel_field():
     args = KLoraArgs(True, "dog, v2", "wc", 0.8, 1.2, "s*", 1.5, 1.0, "manual", 2.5, "fixed", "attention",
                      "style", False)
-    params = through_a1111(c.format_infotext(args, None))
-    values = c.infotext_paste_values(params)
+    params = through_a1111(infotext.format_infotext(args, None))
+    values = infotext.infotext_paste_values(params)
     assert set(values) == set(ARG_NAMES) - {"show_map"}
     expected = dict(zip(ARG_NAMES, args.to_ui_values(), strict=True))
     defaults = dict(zip(ARG_NAMES, KLoraArgs().to_ui_values(), strict=True))
-    getters = c.paste_getters()
+    getters = infotext.paste_getters()
     for name in ARG_NAMES:
         pasted = paste_like_a1111(getters[name], params, defaults[name])
         if name == "show_map":
@@ -827,14 +827,14 @@ def test_paste_values_restore_every_panel_field():
         else:
             assert pasted == expected[name], name
             assert values[name] == expected[name]
-    assert c.from_script_args([values.get(n, False) for n in ARG_NAMES]) == args
+    assert args_mod.from_script_args([values.get(n, False) for n in ARG_NAMES]) == args
 
 
 def test_paste_without_klora_unticks_only_the_box():
     params = through_a1111(None)
     assert INFOTEXT_KEY not in params
-    assert c.infotext_paste_values(params) == {"enabled": False}
-    getters = c.paste_getters()
+    assert infotext.infotext_paste_values(params) == {"enabled": False}
+    getters = infotext.paste_getters()
     assert getters["enabled"](params) is False
     assert getters["content"](params) is None
 
@@ -844,20 +844,23 @@ def test_paste_with_only_a_warning_unticks_the_box():
     field: pasting it must not turn K-LoRA on."""
     warning = ("K-LoRA: the prompt has 2 <klora> tags (<klora:dog:wc>, <klora:wc:dog>); use only one. "
                "The image was made without K-LoRA.")
-    text = a1111_create_infotext("a dog", {"Steps": 20, "Seed": 1, c.WARNING_KEY: warning, "Version": "v1"})
+    text = a1111_create_infotext("a dog", {"Steps": 20, "Seed": 1, infotext.WARNING_KEY: warning,
+                                           "Version": "v1"})
     params = a1111_parse_generation_parameters(text)
-    assert params[c.WARNING_KEY] == warning and INFOTEXT_KEY not in params
-    assert c.infotext_paste_values(params) == {"enabled": False}
-    assert all(getter(params) is None for name, getter in c.paste_getters().items() if name != "enabled")
+    assert params[infotext.WARNING_KEY] == warning and INFOTEXT_KEY not in params
+    assert infotext.infotext_paste_values(params) == {"enabled": False}
+    getters = infotext.paste_getters().items()
+    assert all(getter(params) is None for name, getter in getters if name != "enabled")
 
 
 def test_paste_bad_field_changes_nothing():
-    assert c.infotext_paste_values({INFOTEXT_KEY: "content: dog"}) == {}
+    assert infotext.infotext_paste_values({INFOTEXT_KEY: "content: dog"}) == {}
 
 
 def test_paste_resolves_names_by_hash():
     args = KLoraArgs(True, "dog_remote", "wc_remote")
-    params = through_a1111(c.format_infotext(args, 1.0), c.format_hashes("aaaa1111", "bbbb2222"))
+    params = through_a1111(infotext.format_infotext(args, 1.0),
+                           infotext.format_hashes("aaaa1111", "bbbb2222"))
     local = {"aaaa1111": "dog_local"}
     calls = []
 
@@ -865,15 +868,15 @@ def test_paste_resolves_names_by_hash():
         calls.append((name, shorthash))
         return local.get(shorthash)
 
-    values = c.infotext_paste_values(params, resolve)
+    values = infotext.infotext_paste_values(params, resolve)
     assert (values["content"], values["style"]) == ("dog_local", "wc_remote")
     assert calls == [("dog_remote", "aaaa1111"), ("wc_remote", "bbbb2222")]
 
     def broken(name, shorthash):
         raise OSError("disk gone")
 
-    assert c.infotext_paste_values(params, broken)["content"] == "dog_remote"
-    assert c.paste_getters(resolve)["content"](params) == "dog_local"
+    assert infotext.infotext_paste_values(params, broken)["content"] == "dog_remote"
+    assert infotext.paste_getters(resolve)["content"](params) == "dog_local"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -881,8 +884,8 @@ def test_paste_resolves_names_by_hash():
 
 
 def test_pattern_input_moves_alpha_beta():
-    assert (c.pattern_input_alpha("s* (official)"), c.pattern_input_beta("s* (official)")) == (1.5, 1.275)
-    assert (c.pattern_input_alpha("s (paper)"), c.pattern_input_beta("s (paper)")) == (1.5, 0.5)
+    assert panel.pattern_defaults("s* (official)") == (1.5, 1.275)
+    assert panel.pattern_defaults("s (paper)") == (1.5, 0.5)
 
 
 def test_run_analyze_passes_args_and_steps():
@@ -893,7 +896,7 @@ def test_run_analyze_passes_args_and_steps():
         return "IMAGE", "summary"
 
     values = KLoraArgs(True, "dog", "wc", mode="topk").to_ui_values()
-    assert c.run_analyze(analyze, values, 30.0) == ("IMAGE", "summary")
+    assert panel.run_analyze(analyze, values, 30.0) == ("IMAGE", "summary")
     assert seen == [(KLoraArgs(True, "dog", "wc", mode="topk").resolved(), 30)]
 
 
@@ -901,14 +904,14 @@ def test_run_analyze_reports_errors_as_text():
     def analyze(args, steps):
         raise ValueError("no shared layers: content is SD1.5, style is SDXL")
 
-    image, text = c.run_analyze(analyze, KLoraArgs(False, "dog", "wc").to_ui_values(), 20)
+    image, text = panel.run_analyze(analyze, KLoraArgs(False, "dog", "wc").to_ui_values(), 20)
     assert image is None and "no shared layers" in text and text.startswith("**K-LoRA analysis failed:**")
-    image, text = c.run_analyze(analyze, KLoraArgs().to_ui_values(), 20)
+    image, text = panel.run_analyze(analyze, KLoraArgs().to_ui_values(), 20)
     assert image is None and "no content LoRA and no style LoRA" in text
     assert text.startswith("**Cannot analyze:**") and "K-LoRA:" not in text  # the prefix is said once
-    image, text = c.run_analyze(analyze, KLoraArgs(False, "a_b*", "c").to_ui_values(), 0)
+    image, text = panel.run_analyze(analyze, KLoraArgs(False, "a_b*", "c").to_ui_values(), 0)
     assert image is None and "at least 1" in text
-    image, text = c.run_analyze(lambda a, s: (_ for _ in ()).throw(RuntimeError("bad <b>x</b>")),
+    image, text = panel.run_analyze(lambda a, s: (_ for _ in ()).throw(RuntimeError("bad <b>x</b>")),
                                 KLoraArgs(False, "a", "c").to_ui_values(), 5)
     assert "\\<b\\>" in text
 
@@ -1008,14 +1011,14 @@ def test_build_ui_returns_arg_components_in_order(monkeypatch):
         names_calls.append(1)
         return ["dog", "wc"]
 
-    components = c.build_ui(script, False, lora_names, lambda: None, lambda a, s: (None, ""))
+    components = panel.build_ui(script, False, lora_names, lambda: None, lambda a, s: (None, ""))
     assert len(components) == len(ARG_NAMES)
     assert [comp.elem_id for comp in components] == [
         f"script_txt2img_klora_{'enable' if n == 'enabled' else n}" for n in ARG_NAMES]
     # the components' default values are valid script args meaning the default settings
     values = [comp.value for comp in components]
     assert values == KLoraArgs().to_ui_values()
-    assert c.from_script_args(values) == KLoraArgs().resolved()
+    assert args_mod.from_script_args(values) == KLoraArgs().resolved()
     assert components[1].kwargs["choices"] == ["None", "dog", "wc"]
     assert components[1].kwargs["allow_custom_value"] is True
     assert components[0].kwargs["label"] == "K-LoRA" and components[0].value is False
@@ -1025,7 +1028,7 @@ def test_build_ui_returns_arg_components_in_order(monkeypatch):
     assert refresh_buttons[0][2]() == {"choices": ["None", "dog", "wc"]}
     # paste fields: one getter per argument except show_map
     assert [field[0] for field in script.infotext_fields] == components[:-1]
-    params = through_a1111(c.format_infotext(KLoraArgs(True, "dog", "wc", pattern="s*"), 1.0))
+    params = through_a1111(infotext.format_infotext(KLoraArgs(True, "dog", "wc", pattern="s*"), 1.0))
     assert [field[1](params) for field in script.infotext_fields] == \
         KLoraArgs(True, "dog", "wc", pattern="s*").to_ui_values()[:-1]
 
@@ -1033,7 +1036,7 @@ def test_build_ui_returns_arg_components_in_order(monkeypatch):
 def test_build_ui_events(monkeypatch):
     fake_gradio_and_webui(monkeypatch)
     analyzed = []
-    components = c.build_ui(FakeScript(True), True, lambda: ["dog"], lambda: None,
+    components = panel.build_ui(FakeScript(True), True, lambda: ["dog"], lambda: None,
                             lambda a, s: (analyzed.append((a, s)) or "IMG", "text"))
     by_id = {comp.elem_id: comp for comp in _Component.created}
     pattern = by_id["script_img2img_klora_pattern"]
@@ -1058,25 +1061,25 @@ def test_build_ui_events(monkeypatch):
 def test_build_ui_is_idempotent_and_takes_defaults(monkeypatch):
     fake_gradio_and_webui(monkeypatch)
     script = FakeScript()
-    first = [(comp.elem_id, comp.value) for comp in c.build_ui(script, False, lambda: [], lambda: None,
+    first = [(comp.elem_id, comp.value) for comp in panel.build_ui(script, False, lambda: [], lambda: None,
                                                                 lambda a, s: (None, ""))]
-    second = [(comp.elem_id, comp.value) for comp in c.build_ui(script, False, lambda: [], lambda: None,
+    second = [(comp.elem_id, comp.value) for comp in panel.build_ui(script, False, lambda: [], lambda: None,
                                                                  lambda a, s: (None, ""))]
     assert first == second
     assert len(script.infotext_fields) == len(ARG_NAMES) - 1
-    star = c.build_ui(script, False, lambda: [], lambda: None, lambda a, s: (None, ""),
+    star = panel.build_ui(script, False, lambda: [], lambda: None, lambda a, s: (None, ""),
                       defaults=KLoraArgs(pattern="s*", mode="merge"))
     assert [comp.value for comp in star] == KLoraArgs(pattern="s*", mode="merge").to_ui_values()
 
 
 def test_build_ui_map_image_format_per_gradio_version(monkeypatch):
     gr, _ = fake_gradio_and_webui(monkeypatch)
-    c.build_ui(FakeScript(), False, lambda: [], lambda: None, lambda a, s: (None, ""))
+    panel.build_ui(FakeScript(), False, lambda: [], lambda: None, lambda a, s: (None, ""))
     image = next(x for x in _Component.created if x.elem_id == "script_txt2img_klora_map_image")
     assert "format" not in image.kwargs  # Gradio 3.41's Image has no such argument
     gr.__version__ = "4.40.0"
     _Component.created = []
-    c.build_ui(FakeScript(), False, lambda: [], lambda: None, lambda a, s: (None, ""))
+    panel.build_ui(FakeScript(), False, lambda: [], lambda: None, lambda a, s: (None, ""))
     image = next(x for x in _Component.created if x.elem_id == "script_txt2img_klora_map_image")
     assert image.kwargs["format"] == "png"
 
@@ -1087,15 +1090,15 @@ def test_build_ui_survives_a_failing_lora_list(monkeypatch):
     def broken():
         raise OSError("models/Lora unreadable")
 
-    components = c.build_ui(FakeScript(), False, broken, lambda: None, lambda a, s: (None, ""))
+    components = panel.build_ui(FakeScript(), False, broken, lambda: None, lambda a, s: (None, ""))
     assert components[1].kwargs["choices"] == ["None"]
 
 
 def test_floats_print_shortest_and_read_back():
     for x in (1.0, 0.5, 1.275, 0.1 + 0.2, 1 / 3, 1e-7, 12345.678):
-        assert float(c._fmt(x)) == x
-        assert not c._fmt(x).endswith(".0")
-    assert math.isclose(float(c._fmt(2.0)), 2.0) and c._fmt(2.0) == "2"
+        assert float(args_mod.number_text(x)) == x
+        assert not args_mod.number_text(x).endswith(".0")
+    assert math.isclose(float(args_mod.number_text(2.0)), 2.0) and args_mod.number_text(2.0) == "2"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1104,44 +1107,45 @@ def test_floats_print_shortest_and_read_back():
 
 def test_validate_api_payload():
     ok = {"prompt": "a dog", "alwayson_scripts": {"k-lora": {"args": [{"content": "dog", "style": "wc"}]}}}
-    assert c.validate_api_payload(ok) == KLoraArgs(True, "dog", "wc")
-    assert c.validate_api_payload({"prompt": "x"}) is None
-    assert c.validate_api_payload({"alwayson_scripts": {"Other": {"args": [1]}}}) is None
-    assert c.validate_api_payload({"alwayson_scripts": {"K-LoRA": {}}}) is None
+    assert api.validate_api_payload(ok) == KLoraArgs(True, "dog", "wc")
+    assert api.validate_api_payload({"prompt": "x"}) is None
+    assert api.validate_api_payload({"alwayson_scripts": {"Other": {"args": [1]}}}) is None
+    assert api.validate_api_payload({"alwayson_scripts": {"K-LoRA": {}}}) is None
     positional = {"alwayson_scripts": {"K-LoRA": {"args": [True, "dog", "wc", 0.5]}}}
-    assert c.validate_api_payload(positional).content_strength == 0.5
+    assert api.validate_api_payload(positional).content_strength == 0.5
     disabled = {"alwayson_scripts": {"K-LoRA": {"args": [False]}}}
-    assert c.validate_api_payload(disabled) == KLoraArgs()
+    assert api.validate_api_payload(disabled) == KLoraArgs()
     # names may come from a tag in the prompt
     tagged = {"prompt": "<klora:dog:wc>", "alwayson_scripts": {"K-LoRA": {"args": [{"mode": "topk"}]}}}
-    assert c.validate_api_payload(tagged).mode == "topk"
+    assert api.validate_api_payload(tagged).mode == "topk"
     # the tag's names replace the entry's: the entry's are not looked up (the tag's are, with the image)
     tagged = {"prompt": "a <klora:dog:wc>", "alwayson_scripts": {"K-LoRA": {"args": [True, "ghost", "wc"]}}}
-    assert c.validate_api_payload(tagged, lambda n: False).content == "ghost"
+    assert api.validate_api_payload(tagged, lambda n: False).content == "ghost"
     # a bare dict of named fields is taken as the one-dict list
     bare = {"alwayson_scripts": {"K-LoRA": {"args": {"content": "dog", "style": "wc", "mode": "topk"}}}}
-    assert c.validate_api_payload(bare) == KLoraArgs(True, "dog", "wc", mode="topk")
+    assert api.validate_api_payload(bare) == KLoraArgs(True, "dog", "wc", mode="topk")
 
 
 def test_normalize_api_args():
-    assert c.normalize_api_args({"content": "dog"}) == [{"content": "dog"}]
+    assert api.normalize_api_args({"content": "dog"}) == [{"content": "dog"}]
     # pattern given, β not: α/β padded with None (= the pattern's defaults) so the webui does not pad them
     # with the panel's values
-    assert c.normalize_api_args([True, "d", "w", 1, 1, "s*"]) == [True, "d", "w", 1, 1, "s*", None, None]
-    assert c.normalize_api_args([True, "d", "w", 1, 1, "s*", 2]) == [True, "d", "w", 1, 1, "s*", 2, None]
-    assert c.from_script_args(c.normalize_api_args([True, "d", "w", 1, 1, "s*"])).resolved_beta == 1.275
+    assert api.normalize_api_args([True, "d", "w", 1, 1, "s*"]) == [True, "d", "w", 1, 1, "s*", None, None]
+    assert api.normalize_api_args([True, "d", "w", 1, 1, "s*", 2]) == [True, "d", "w", 1, 1, "s*", 2, None]
+    padded = api.normalize_api_args([True, "d", "w", 1, 1, "s*"])
+    assert args_mod.from_script_args(padded).resolved_beta == 1.275
     for unchanged in ([True, "dog", "wc"], [True, "dog", "wc", 1, 1], [True, "d", "w", 1, 1, "s*", 2, 0.3],
                       [{"content": "dog"}, 1, 2, 3, 4, 5], [], "text", 3):
-        assert c.normalize_api_args(unchanged) is unchanged
+        assert api.normalize_api_args(unchanged) is unchanged
 
 
 def test_prepare_api_payload_rewrites_in_place():
     payload = {"alwayson_scripts": {"k-lora": {"args": {"content": "dog", "style": "wc"}}}}
-    assert c.prepare_api_payload(payload)
+    assert api.prepare_api_payload(payload)
     assert payload["alwayson_scripts"]["k-lora"]["args"] == [{"content": "dog", "style": "wc"}]
-    assert not c.prepare_api_payload(payload)  # now as the webui wants it
+    assert not api.prepare_api_payload(payload)  # now as the webui wants it
     with pytest.raises(KLoraArgsError, match="no LoRA named 'wc'"):
-        c.prepare_api_payload({"alwayson_scripts": {"K-LoRA": {"args": {"content": "dog", "style": "wc"}}}},
+        api.prepare_api_payload({"alwayson_scripts": {"K-LoRA": {"args": {"content": "dog", "style": "wc"}}}},
                               lambda n: n == "dog")
 
 
@@ -1158,7 +1162,7 @@ def test_prepare_api_payload_rewrites_in_place():
 ])
 def test_validate_api_payload_errors(scripts, expect):
     with pytest.raises(KLoraArgsError, match=expect):
-        c.validate_api_payload({"prompt": "a dog", "alwayson_scripts": scripts}, lambda n: n != "ghost")
+        api.validate_api_payload({"prompt": "a dog", "alwayson_scripts": scripts}, lambda n: n != "ghost")
 
 
 def run_asgi(app, method, path, body: bytes, chunks: int = 1):
@@ -1193,7 +1197,7 @@ async def echo_app(scope, receive, send):
 
 
 def test_api_validator_refuses_bad_args_with_422():
-    app = c.ApiArgsValidator(echo_app)
+    app = api.ApiArgsValidator(echo_app)
     body = json.dumps({"prompt": "x", "alwayson_scripts": {"K-LoRA": {"args": [{"mode": "best"}]}}}).encode()
     sent = run_asgi(app, "POST", "/sdapi/v1/txt2img", body, chunks=3)
     assert sent[0]["status"] == 422
@@ -1212,7 +1216,7 @@ def test_api_validator_refuses_bad_args_with_422():
 ])
 def test_api_validator_passes_the_rest_through_intact(method, path, payload):
     body = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-    sent = run_asgi(c.ApiArgsValidator(echo_app), method, path, body, chunks=2)
+    sent = run_asgi(api.ApiArgsValidator(echo_app), method, path, body, chunks=2)
     assert sent[0]["status"] == 200 and sent[1]["body"] == body
 
 
@@ -1240,7 +1244,7 @@ def test_api_validator_forwards_rewritten_args():
     scope = {"type": "http", "method": "POST", "path": "/sdapi/v1/txt2img",
              "headers": [(b"content-type", b"application/json"),
                          (b"content-length", str(len(body)).encode())]}
-    asyncio.run(c.ApiArgsValidator(webui)(scope, receive_all, send))
+    asyncio.run(api.ApiArgsValidator(webui)(scope, receive_all, send))
     forwarded = sent[1]["body"]
     assert json.loads(forwarded)["alwayson_scripts"]["K-LoRA"]["args"] == [{"content": "dög", "style": "w"}]
     assert seen["headers"][b"content-length"] == str(len(forwarded)).encode()
@@ -1249,7 +1253,7 @@ def test_api_validator_forwards_rewritten_args():
 
 
 def test_api_validator_name_check():
-    app = c.ApiArgsValidator(echo_app, name_exists=lambda name: name == "dog")
+    app = api.ApiArgsValidator(echo_app, name_exists=lambda name: name == "dog")
     body = json.dumps({"alwayson_scripts": {"K-LoRA": {"args": [{"content": "dog", "style": "x"}]}}}).encode()
     sent = run_asgi(app, "POST", "/sdapi/v1/txt2img", body)
     assert sent[0]["status"] == 422 and "no LoRA named 'x'" in json.loads(sent[1]["body"])["detail"]
@@ -1276,9 +1280,9 @@ class FakeStarlette:
 @pytest.mark.parametrize("started", [False, True])
 def test_install_api_validation(started):
     app = FakeStarlette(started)
-    assert c.install_api_validation(app, name_exists=lambda n: False)
-    assert not c.install_api_validation(app)  # once per app
-    assert isinstance(app.middleware_stack, c.ApiArgsValidator)
+    assert api.install_api_validation(app, name_exists=lambda n: False)
+    assert not api.install_api_validation(app)  # once per app
+    assert isinstance(app.middleware_stack, api.ApiArgsValidator)
     assert len(app.added) == (0 if started else 1)
     body = json.dumps({"alwayson_scripts": {"K-LoRA": {"args": [{"content": "a", "style": "b"}]}}}).encode()
     sent = run_asgi(app, "POST", "/sdapi/v1/txt2img", body)

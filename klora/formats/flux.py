@@ -60,20 +60,15 @@ def _transformer(name: str) -> Located | None:
         return Located(c, name) if m.group(2) in fk.DOUBLE else None
     if m := fk.RE_DIFF_SINGLE.match(name):
         return Located(c, name) if m.group(2) in fk.SINGLE else None
-    if m := fk.RE_BFL_DOUBLE.match(name):
-        i, sub = m.groups()
-        if sub in fk.FUSED_DOUBLE:
-            return Located(c, name, how="fused")
-        if sub in fk.BFL_DOUBLE_TO_DIFFUSERS:
-            return Located(c, f"transformer_blocks_{i}_{fk.BFL_DOUBLE_TO_DIFFUSERS[sub]}")
-        return None
-    if m := fk.RE_BFL_SINGLE.match(name):
-        i, sub = m.groups()
-        if sub in fk.FUSED_SINGLE:
-            return Located(c, name, how="fused")
-        if sub in fk.BFL_SINGLE_TO_DIFFUSERS:
-            return Located(c, f"single_transformer_blocks_{i}_{fk.BFL_SINGLE_TO_DIFFUSERS[sub]}")
-        return None
+    for pattern, fused, plain, blocks in ((fk.RE_BFL_DOUBLE, fk.FUSED_DOUBLE, fk.BFL_DOUBLE_TO_DIFFUSERS,
+                                           "transformer_blocks"),
+                                          (fk.RE_BFL_SINGLE, fk.FUSED_SINGLE, fk.BFL_SINGLE_TO_DIFFUSERS,
+                                           "single_transformer_blocks")):
+        if m := pattern.match(name):
+            i, sub = m.groups()
+            if sub in fused:
+                return Located(c, name, how="fused")
+            return Located(c, f"{blocks}_{i}_{plain[sub]}") if sub in plain else None
     if name in fk.TOP:
         return Located(c, name)
     if name in fk.BFL_TOP_TO_DIFFUSERS:

@@ -113,24 +113,15 @@ def bfl_target(key: str, hidden: int = FLUX_HIDDEN, mlp_hidden: int = FLUX_MLP_H
     component, _, name = key.partition("/")
     if component != COMPONENT:
         return None
-    if m := RE_DIFF_DOUBLE.match(name):
-        entry = DOUBLE.get(m.group(2))
-        if entry is None:
-            return None
-        sub, part = entry
-        return BflSlice(
-            f"double_blocks.{m.group(1)}.{sub}",
-            None if part is None else _part_rows(part, hidden, mlp_hidden),
-        )
-    if m := RE_DIFF_SINGLE.match(name):
-        entry = SINGLE.get(m.group(2))
-        if entry is None:
-            return None
-        sub, part = entry
-        return BflSlice(
-            f"single_blocks.{m.group(1)}.{sub}",
-            None if part is None else _part_rows(part, hidden, mlp_hidden),
-        )
+    for pattern, table, blocks in ((RE_DIFF_DOUBLE, DOUBLE, "double_blocks"),
+                                   (RE_DIFF_SINGLE, SINGLE, "single_blocks")):
+        if m := pattern.match(name):
+            entry = table.get(m.group(2))
+            if entry is None:
+                return None
+            sub, part = entry
+            return BflSlice(f"{blocks}.{m.group(1)}.{sub}",
+                            None if part is None else _part_rows(part, hidden, mlp_hidden))
     if m := RE_BFL_DOUBLE.match(name):
         if m.group(2) in FUSED_DOUBLE:
             return BflSlice(f"double_blocks.{m.group(1)}.{m.group(2).replace('_attn_', '_attn.')}")

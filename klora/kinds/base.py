@@ -85,11 +85,17 @@ class Kind:
         projections), under a new key; alpha and rank are kept, so the host's scale is unchanged."""
         raise LoraFormatError(file_key, f"cannot split a {self.name} layer by output rows", key)
 
-    @staticmethod
-    def need(path: str, file_key: str, kind: str, tensors: dict[str, torch.Tensor], *roles: str) -> None:
+    def need(self, path: str, file_key: str, tensors: dict[str, torch.Tensor], *roles: str) -> None:
         missing = [r for r in roles if r not in tensors]
         if missing:
-            raise LoraFormatError(path, f"incomplete {kind} layer: missing {', '.join(missing)}", file_key)
+            raise LoraFormatError(path, f"incomplete {self.name} layer: missing {', '.join(missing)}",
+                                  file_key)
+
+    @staticmethod
+    def error(path: str, file_key: str, names: dict[str, str], reason: str,
+              role: str | None = None) -> LoraFormatError:
+        """The refusal of a layer, naming the tensor of ``role`` when given, else the layer."""
+        return LoraFormatError(path, reason, names.get(role, file_key) if role else file_key)
 
 
 def dims(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:

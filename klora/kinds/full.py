@@ -14,7 +14,7 @@ class Full(Kind):
 
     def build(self, path: str, key: str, file_key: str, tensors: dict[str, torch.Tensor],
               names: dict[str, str], alpha: float | None, kernel: KernelHint) -> LoraLayer:
-        self.need(path, file_key, "full", tensors, "diff")
+        self.need(path, file_key, tensors, "diff")
         diff = tensors["diff"]
         bias = tensors.get("diff_b")
         if bias is not None and (bias.dim() != 1 or bias.shape[0] != diff.shape[0]):

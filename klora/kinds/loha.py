@@ -8,11 +8,12 @@ r, so K uses r as for LoRA). Without Tucker cores a conv's kernel is flattened i
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
 from klora.kinds.base import KernelHint, Kind, dims, f32, tucker
-from klora.layers import LoraFormatError, LoraLayer
+from klora.layers import LoraLayer
 
 
 class LoHa(Kind):
@@ -28,10 +29,9 @@ class LoHa(Kind):
 
     def build(self, path: str, key: str, file_key: str, tensors: dict[str, torch.Tensor],
               names: dict[str, str], alpha: float | None, kernel: KernelHint) -> LoraLayer:
-        self.need(path, file_key, "loha", tensors, "w1a", "w1b", "w2a", "w2b")
+        self.need(path, file_key, tensors, "w1a", "w1b", "w2a", "w2b")
+        bad = partial(self.error, path, file_key, names)
 
-        def bad(reason: str) -> LoraFormatError:
-            return LoraFormatError(path, reason, file_key)
 
         if ("t1" in tensors) != ("t2" in tensors):
             raise bad("LoHa Tucker layer needs both hada_t1 and hada_t2")

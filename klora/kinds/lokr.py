@@ -7,10 +7,12 @@ stored full (then the scale is 1, as in A1111, Forge and LyCORIS training).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from klora.kinds.base import KernelHint, Kind, dims, f32, tucker
-from klora.layers import LoraFormatError, LoraLayer
+from klora.layers import LoraLayer
 
 
 class LoKr(Kind):
@@ -28,14 +30,11 @@ class LoKr(Kind):
     def build(self, path: str, key: str, file_key: str, tensors: dict[str, torch.Tensor],
               names: dict[str, str], alpha: float | None, kernel: KernelHint) -> LoraLayer:
         t = tensors
-
-        def bad(reason: str, role: str | None = None) -> LoraFormatError:
-            return LoraFormatError(path, reason, names.get(role, file_key) if role else file_key)
-
+        bad = partial(self.error, path, file_key, names)
         if "w1" not in t:
-            self.need(path, file_key, "lokr", t, "w1a", "w1b")
+            self.need(path, file_key, t, "w1a", "w1b")
         if "w2" not in t:
-            self.need(path, file_key, "lokr", t, "w2a", "w2b")
+            self.need(path, file_key, t, "w2a", "w2b")
         if "w1" in t:
             w1 = t["w1"]
             if w1.dim() != 2:

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from klora.kinds.base import KernelHint, Kind, LowRank, dims, f32
-from klora.layers import LoraFormatError, LoraLayer
+from klora.layers import LoraLayer
 
 
 class Lora(Kind):
@@ -25,11 +27,10 @@ class Lora(Kind):
 
     def build(self, path: str, key: str, file_key: str, tensors: dict[str, torch.Tensor],
               names: dict[str, str], alpha: float | None, kernel: KernelHint) -> LoraLayer:
-        self.need(path, file_key, "lora", tensors, "down", "up")
+        self.need(path, file_key, tensors, "down", "up")
+        bad = partial(self.error, path, file_key, names)
         down, up, mid = tensors["down"], tensors["up"], tensors.get("mid")
 
-        def bad(reason: str, role: str | None = None) -> LoraFormatError:
-            return LoraFormatError(path, reason, names.get(role, file_key) if role else file_key)
 
         if down.dim() not in (2, 4) or up.dim() != down.dim():
             raise bad(f"unsupported LoRA factor shapes down {dims(down.shape)}, up {dims(up.shape)}")

@@ -26,7 +26,9 @@ from webui_client import (
     mean_abs_diff,
 )
 
-from klora.webui import common
+from klora.options import PATTERNS
+from klora.webui import infotext
+from klora.webui.args import ARG_NAMES
 
 pytestmark = pytest.mark.skipif(not os.environ.get("KLORA_WEBUI_URL"), reason="KLORA_WEBUI_URL is not set")
 
@@ -80,7 +82,7 @@ def test_script_info_lists_every_argument(webui: Webui) -> None:
     assert {s["is_img2img"] for s in infos} == {False, True}, infos
     for info in infos:
         assert info["is_alwayson"]
-        assert len(info["args"]) == len(common.ARG_NAMES), [a["label"] for a in info["args"]]
+        assert len(info["args"]) == len(ARG_NAMES), [a["label"] for a in info["args"]]
         by_label = {a["label"]: a for a in info["args"]}
         lora_choices = [a for a in info["args"] if a.get("choices") and CONTENT in a["choices"]]
         assert len(lora_choices) == 2, f"content and style dropdowns should list {CONTENT}: {by_label}"
@@ -249,10 +251,10 @@ def test_png_info_reads_the_field_back(webui: Webui) -> None:
     assert data["info"] == gen.infotext
     value = data["parameters"].get("K-LoRA")
     assert value == gen.klora, data["parameters"]
-    args = common.parse_infotext(value)
+    args = infotext.parse_infotext(value)
     assert (args.enabled, args.content, args.style) == (True, CONTENT, STYLE)
     # β was not given: the infotext records the s* default, so the paste gives the same β
-    assert (args.pattern, args.alpha, args.beta) == ("s*", 2.0, common.PATTERN_DEFAULTS["s*"][1])
+    assert (args.pattern, args.alpha, args.beta) == ("s*", 2.0, PATTERNS["s*"].beta)
     assert (args.gamma, args.gamma_value, args.mode, args.te) == ("manual", 1.7, "topk", "content")
 
 
@@ -309,11 +311,11 @@ def _assert_made_without_klora_with_warning(webui: Webui, baseline: Generation, 
     gen = Webui.generation(body, r.json())
     assert_no_klora(gen)
     assert_same(gen, baseline, "image with a bad K-LoRA tag vs without K-LoRA")
-    warning = (gen.info.get("extra_generation_params") or {}).get(common.WARNING_KEY)
+    warning = (gen.info.get("extra_generation_params") or {}).get(infotext.WARNING_KEY)
     assert warning and needle in warning, (f"no warning naming {needle!r} in the API answer; "
                                            f"extra_generation_params={gen.info.get('extra_generation_params')}")
     assert warning.count("The image was made without K-LoRA.") == 1 and ". The image" in warning, warning
-    assert gen.fields.get(common.WARNING_KEY) == warning, gen.infotext
+    assert gen.fields.get(infotext.WARNING_KEY) == warning, gen.infotext
     return gen
 
 
@@ -345,14 +347,14 @@ def test_pasting_a_warning_infotext_does_not_enable_klora(webui: Webui, baseline
     r = webui.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + gen.b64[0]})
     assert r.status == 200, r.brief()
     params = r.json()["parameters"]
-    assert params.get(common.WARNING_KEY) == gen.fields[common.WARNING_KEY] and "K-LoRA" not in params
-    assert common.infotext_paste_values(params) == {"enabled": False}
+    assert params.get(infotext.WARNING_KEY) == gen.fields[infotext.WARNING_KEY] and "K-LoRA" not in params
+    assert infotext.infotext_paste_values(params) == {"enabled": False}
     body = {"infotext": gen.infotext, "prompt": baseline.request["prompt"]}
     r = webui.post("/sdapi/v1/txt2img", body)
     assert r.status == 200, r.brief()
     again = Webui.generation(body, r.json())
     assert_no_klora(again)
-    assert common.WARNING_KEY not in again.fields, again.infotext
+    assert infotext.WARNING_KEY not in again.fields, again.infotext
     assert_same(again, baseline, "image remade from a warning infotext")
 
 

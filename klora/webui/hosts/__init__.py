@@ -1,5 +1,6 @@
-"""Which webui runs us: AUTOMATIC1111, Forge (the ``backend/`` architecture with Flux), or a Forge fork
-we do not support. Detected once, by feature, never by folder names or version strings alone.
+"""Which webui runs us, and its :class:`~klora.webui.hosts.base.Host`: AUTOMATIC1111 (:mod:`.a1111`), Forge
+(the ``backend/`` architecture with Flux, :mod:`.forge`), or a Forge fork we do not support. Detected once, by
+feature, never by folder names or version strings alone.
 
 Forge main (≥ 2.0, and the "neo" fork) ships the top-level packages ``modules_forge`` and ``backend`` with
 ``backend/patcher/lora.py``; the older ldm_patched family (Forge 1.x, reForge, Forge Classic) ships
@@ -14,8 +15,9 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from types import ModuleType
 from typing import Any, Literal
+
+from klora.webui.hosts.base import Host
 
 HostName = Literal["a1111", "forge", "forge-ldm"]
 
@@ -75,20 +77,20 @@ def current() -> HostInfo:
     return detect()
 
 
-def adapter(info: HostInfo | None = None) -> ModuleType:
-    """The host adapter module: ``klora.webui.forge`` on Forge, ``klora.webui.a1111`` on A1111.
+def load(info: HostInfo | None = None) -> Host:
+    """The host adapter of ``info`` (default: the running host).
 
     Raises ``RuntimeError`` with a message fit for the user on hosts without an adapter.
     """
     info = info or current()
     if info.name == "forge":
-        from klora.webui import forge
+        from klora.webui.hosts.forge import ForgeHost
 
-        return forge
+        return ForgeHost(info.version)
     if info.name == "a1111":
-        from klora.webui import a1111
+        from klora.webui.hosts.a1111 import A1111Host
 
-        return a1111
+        return A1111Host(info.version)
     raise RuntimeError(
         f"K-LoRA supports AUTOMATIC1111's webui and Forge 2 (the 'backend' architecture); "
         f"this is {info.label}, whose LoRA machinery (ldm_patched) it does not support yet."
