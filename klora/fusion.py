@@ -7,7 +7,8 @@ deltas):
   mean dropped, mean of the rest), ``"paper"`` (eq. 9: ``Σ_l L1_c / Σ_l L1_s``) or a number;
 * ``S(τ) = α·τ + β`` (pattern ``s``: 1.5, 0.5; pattern ``s*``: 1.5, 1.275 and ``S ← S mod α``,
   :data:`klora.options.PATTERNS`);
-* content iff ``S_c > γ · S(τ) · S_s`` (strict), else style.
+* content iff ``S_c > γ · S(τ) · S_s`` (strict), else style; ``balance`` b weights the style side once more,
+  ``γ · 4^b · S(τ) · S_s`` (b = 0, the default, is the paper's rule exactly).
 
 Nothing but S(τ) depends on time, so a plan is made once per pair and options; each step is then one
 comparison per layer (:meth:`Plan.choose`).
@@ -82,8 +83,8 @@ class LayerPlan:
     ``constant``: the choice at every step for layers not decided per step (one file only, text encoders,
     layers outside the scope, mode ``merge``); None when ``Plan.choose`` decides per step.
     ``k``, ``score_*``, ``l1_*``: set for scored layers (shared, denoiser, in scope), else None.
-    ``threshold``: mode ``klora``: θ = S_c / (γ·S_s), content while S(τ) < θ (±inf when S_s = 0: content at
-    every step if S_c > 0, never if S_c = 0); mode ``topk``: S_c / S_s, content iff θ > 1; None otherwise.
+    ``threshold``: mode ``klora``: θ = S_c / (γ·4^b·S_s), content while S(τ) < θ (±inf when S_s = 0: content
+    at every step if S_c > 0, never if S_c = 0); mode ``topk``: S_c / S_s, content iff θ > 1; None otherwise.
     """
 
     key: str
@@ -135,7 +136,8 @@ class Plan:
         mode = self.options.mode
         if mode == "klora":
             assert lp.score_content is not None and lp.score_style is not None
-            return "content" if lp.score_content > self.gamma * self.scale(tau) * lp.score_style else "style"
+            style = self.gamma * self.options.style_factor * self.scale(tau) * lp.score_style
+            return "content" if lp.score_content > style else "style"
         if mode == "topk":
             assert lp.score_content is not None and lp.score_style is not None
             return "content" if lp.score_content > lp.score_style else "style"
@@ -199,7 +201,8 @@ def make_plan(content: LoraFile, style: LoraFile, options: FusionOptions | None 
     with probability 1/3 per layer and step (seeded), ``merge`` both.
     """
     options = options or FusionOptions()
-    scores = pair_scores(content, style, options.content_strength, options.style_strength, options.scope)
+    scores = pair_scores(content, style, options.content_strength, options.style_strength, options.scope,
+                         options.k)
     g, method, note = _gamma(scores, options.gamma)
     layers: dict[str, LayerPlan] = {}
     for key in list(content.layers) + [k for k in style.layers if k not in content.layers]:
@@ -214,8 +217,9 @@ def make_plan(content: LoraFile, style: LoraFile, options: FusionOptions | None 
             layers[key] = LayerPlan(key, source, constant="both")
         else:
             s = scores.layers[key]
-            theta = (_theta(s.score_content, s.score_style, g) if options.mode == "klora"
-                     else _theta(s.score_content, s.score_style, 1.0) if options.mode == "topk" else None)
+            weight = g * options.style_factor if options.mode == "klora" else 1.0
+            scored = options.mode in ("klora", "topk")
+            theta = _theta(s.score_content, s.score_style, weight) if scored else None
             layers[key] = LayerPlan(
                 key, source, k=s.k, score_content=s.score_content, score_style=s.score_style,
                 threshold=theta, l1_content=s.l1_content, l1_style=s.l1_style,

@@ -76,9 +76,10 @@ ValueType = Literal["bool", "name", "number", "choice", "gamma"]
 class Option:
     """One option.
 
-    ``type``: ``bool``; ``name`` (a LoRA name, "" = none); ``number`` (finite; ``optional``: None means the
-    pattern's default); ``choice`` (one of ``choices``, code → panel label); ``gamma`` (a choice, or a number
-    > 0 that means "manual" with that value).
+    ``type``: ``bool``; ``name`` (a LoRA name, "" = none); ``number`` (finite, within ``minimum``/``maximum``,
+    whole with ``integer``; ``optional``: None means "the default rule": the pattern's α/β, K = r_c·r_s);
+    ``choice`` (one of ``choices``, code → panel label); ``gamma`` (a choice, or a number > 0 that means
+    "manual" with that value).
     ``tag``: the key in ``<klora:…:key=value>`` (None: the tag cannot set it); ``aliases``: other names the
     tag and the API's named form accept; ``infotext``: its key inside the ``K-LoRA`` infotext field;
     ``cli``: its flag in ``python -m klora inspect``; ``xyz``: the XYZ plot axis label (None: no axis) and
@@ -96,9 +97,12 @@ class Option:
     optional: bool = False
     minimum: float | None = None
     exclusive: bool = False  # the minimum itself is not allowed
+    maximum: float | None = None
+    integer: bool = False  # a whole number
     tag: str | None = None
     aliases: tuple[str, ...] = ()
     infotext: str | None = None
+    infotext_default: bool = True  # written to the infotext also when it holds its default
     cli: str | None = None
     xyz: str | None = None
     xyz_cost: float = 0.0
@@ -160,6 +164,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("show_map", "bool", False, "Show selection map",
            "add the map of which layer used which LoRA at which step to the results", tag="map",
            aliases=("map",)),
+    # options added after the first release go here, at the end: the API's positional list keeps its order
+    Option("balance", "number", 0.0, "Balance: subject ↔ style",
+           "moves every layer's switch from the subject to the style: negative keeps the subject longer, "
+           "positive hands over to the style earlier; the style side is weighted by 4^balance (0: the paper)",
+           minimum=-1.0, maximum=1.0, tag="balance", infotext="balance", infotext_default=False,
+           cli="--balance", xyz="Balance", engine=True),
+    Option("k", "number", None, "K (Top-K entries)",
+           "how many of each delta's largest entries are summed (default: the product of the two ranks, as "
+           "the paper)", optional=True, minimum=1.0, integer=True, tag="k", infotext="k",
+           infotext_default=False,
+           cli="--k", xyz="K", xyz_cost=0.1, engine=True),
 )
 """The panel's components, the script's positional arguments and the API's positional list, in order."""
 
@@ -215,14 +230,20 @@ def _as_number(value: Any) -> float | None:
 
 def _number(opt: Option, value: Any) -> float | None:
     if opt.optional and (value is None
-                         or (isinstance(value, str) and value.strip().lower() in ("", "default"))):
+                         or (isinstance(value, str) and value.strip().lower() in ("", "default", "auto"))):
         return None
     number = _as_number(value)
     if number is None or not math.isfinite(number):
-        extra = " or 'default' (the pattern's value)" if opt.optional else ""
+        extra = " or 'default'" if opt.optional else ""
         raise _error(opt, f"a finite number{extra}", value)
+    if opt.integer and number != int(number):
+        raise _error(opt, "a whole number", value)
     if opt.minimum is not None and (number < opt.minimum or (opt.exclusive and number == opt.minimum)):
         raise _error(opt, f"{'>' if opt.exclusive else '≥'} {opt.minimum:g}", value)
+    if opt.maximum is not None and number > opt.maximum:
+        raise _error(opt, f"≤ {opt.maximum:g}", value)
+    if opt.integer:
+        return int(number)
     return number
 
 
@@ -279,7 +300,7 @@ def parse(name: str, value: Any) -> dict[str, Any]:
 
 def check(name: str, value: Any) -> Any:
     """``value`` if it is already a valid value of field ``name`` (a code for choices, a float for numbers),
-    else :class:`OptionError`. Numbers come back as floats."""
+    else :class:`OptionError`. Numbers come back as floats (whole-number options as ints)."""
     opt = _BY_NAME[name]
     if opt.type == "bool":
         if not isinstance(value, bool):
@@ -307,7 +328,7 @@ def check(name: str, value: Any) -> Any:
 class FusionOptions:
     """Everything that shapes a plan (the ``engine`` options of :data:`OPTIONS`, checked against it, plus the
     seed of mode ``random``). ``alpha``/``beta`` None: the pattern's defaults. ``gamma``: ``"auto"``,
-    ``"paper"`` or a number > 0."""
+    ``"paper"`` or a number > 0. ``k`` None: K = r_c·r_s per layer."""
 
     pattern: Literal["s", "s*"] = "s"
     alpha: float | None = None
@@ -318,11 +339,14 @@ class FusionOptions:
     te: Literal["both", "content", "style", "none"] = "both"
     content_strength: float = 1.0
     style_strength: float = 1.0
+    balance: float = 0.0
+    k: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("pattern", "mode", "scope", "te", "alpha", "beta", "content_strength", "style_strength"):
-            object.__setattr__(self, name, check(name, getattr(self, name)))
+        for opt in OPTIONS:
+            if opt.engine and opt.name != "gamma":
+                object.__setattr__(self, opt.name, check(opt.name, getattr(self, opt.name)))
         g = self.gamma
         if isinstance(g, str):
             if g not in ("auto", "paper"):
@@ -342,6 +366,11 @@ class FusionOptions:
     @property
     def resolved_beta(self) -> float:
         return float(PATTERNS[self.pattern].beta if self.beta is None else self.beta)
+
+    @property
+    def style_factor(self) -> float:
+        """What ``balance`` multiplies the style side of the rule by: 4^balance (γ·4^b·S(τ)·S_s)."""
+        return 4.0 ** self.balance
 
     @classmethod
     def from_fields(cls, values: Mapping[str, Any], seed: int = 0) -> FusionOptions:

@@ -228,10 +228,12 @@ def scored_keys(content: LoraFile, style: LoraFile, scope: Literal["all", "atten
 
 
 def pair_scores(content: LoraFile, style: LoraFile, content_strength: float = 1.0,
-                style_strength: float = 1.0, scope: Literal["all", "attention"] = "all") -> PairScores:
-    """Scores of the layers K-LoRA decides (:func:`scored_keys`); cached. A layer whose two deltas do not
+                style_strength: float = 1.0, scope: Literal["all", "attention"] = "all",
+                k: int | None = None) -> PairScores:
+    """Scores of the layers K-LoRA decides (:func:`scored_keys`); cached. ``k``: the number of entries summed
+    (None: r_c·r_s per layer, the paper's K), clamped to each layer's size. A layer whose two deltas do not
     fit each other (:func:`klora.layers.layout`) raises ``ValueError``: the files are for different models."""
-    cache_key = (content.sha256, style.sha256, float(content_strength), float(style_strength), scope)
+    cache_key = (content.sha256, style.sha256, float(content_strength), float(style_strength), scope, k)
     cacheable = bool(content.sha256 and style.sha256)
     if cacheable and (hit := _pair_cache.get(cache_key)) is not None:
         return hit
@@ -242,10 +244,10 @@ def pair_scores(content: LoraFile, style: LoraFile, content_strength: float = 1.
         if lc.layout != ls.layout:
             raise ValueError(f"{key}: the content LoRA's delta has shape {tuple(lc.shape)} but the style "
                              f"LoRA's has {tuple(ls.shape)}; are they for the same base model?")
-        k = min(layer_rank(lc) * layer_rank(ls), math.prod(lc.shape))
-        sc, l1c = _side(table_c, lc, content_strength, k)
-        ss, l1s = _side(table_s, ls, style_strength, k)
-        out[key] = LayerScore(k, sc, ss, l1c, l1s)
+        n = min(layer_rank(lc) * layer_rank(ls) if k is None else k, math.prod(lc.shape))
+        sc, l1c = _side(table_c, lc, content_strength, n)
+        ss, l1s = _side(table_s, ls, style_strength, n)
+        out[key] = LayerScore(n, sc, ss, l1c, l1s)
     scores = PairScores(out)
     if cacheable:
         _pair_cache.put(cache_key, scores)

@@ -528,3 +528,53 @@ def test_files_read_from_disk(tmp_path: Path):
             "C" if sc > plan.gamma * (1.5 * (i / 20) + 0.5) * s_s else "S" for i in range(20))
     assert make_plan(read_lora(pc), read_lora(ps)).layers[Q] == plan.layers[Q]  # cached by content hash
     assert scores.cache_info()["pair_hits"] == 1
+
+
+# ------------------------------------------------------------------------------------- balance and K
+
+
+def test_balance_weights_the_style_side_by_four_to_the_b():
+    g = torch.Generator().manual_seed(11)
+    layers_c, layers_s = [], []
+    for i in range(10):
+        key = f"unet/up_blocks_1_attentions_0_transformer_blocks_{i}_attn2_to_k"
+        layers_c.append(lora(key, (24, 24), 3, 2.0, 300 + i, mag=float(torch.rand(1, generator=g)) * 3))
+        layers_s.append(lora(key, (24, 24), 4, None, 400 + i))
+    c, s = lfile(layers_c, "c" * 64, "c"), lfile(layers_s, "s" * 64, "s")
+    base = make_plan(c, s)
+    steps = 40
+    rows = {}
+    for b in (-1.0, -0.5, 0.0, 0.25, 1.0):
+        plan = make_plan(c, s, FusionOptions(balance=b))
+        assert plan.gamma == base.gamma  # γ itself is the rule's; the balance weights on top of it
+        for key, lp in plan.layers.items():
+            for i in range(steps):
+                tau = i / steps
+                direct = lp.score_content > base.gamma * 4.0 ** b * s_of(plan, tau) * lp.score_style
+                assert plan.choose(key, tau) == ("content" if direct else "style")
+        rows[b] = "".join(plan.choices(k, steps) for k in plan.layers)
+    assert rows[0.0] == "".join(base.choices(k, steps) for k in base.layers)  # 0: the paper's rule exactly
+    content = [rows[b].count("C") for b in sorted(rows)]
+    assert content == sorted(content, reverse=True) and content[0] > content[-1]  # more style, less content
+    key = next(iter(c.layers))  # topk compares S_c with S_s alone: no γ, no balance
+    assert make_plan(c, s, FusionOptions(balance=1.0, mode="topk")).choices(key, 8) == \
+        make_plan(c, s, FusionOptions(mode="topk")).choices(key, 8)
+
+
+def test_k_override_sums_that_many_entries_and_is_clamped():
+    lc = lora(Q, (24, 20), 4, 2.0, 1)
+    ls = lora(Q, (24, 20), 2, None, 2)
+    c, s = lfile([lc], "a" * 64, "c"), lfile([ls], "b" * 64, "s")
+    for k in (1, 7, 100, 24 * 20, 10_000):
+        scored = pair_scores(c, s, k=k).layers[Q]
+        n = min(k, 24 * 20)
+        assert scored.k == n
+        for layer, got in ((lc, scored.score_content), (ls, scored.score_style)):
+            want = float(torch.topk(dense_delta(layer).abs().flatten(), n).values.sum(dtype=torch.float64))
+            assert got == want
+    assert pair_scores(c, s).layers[Q].k == 8  # default: r_c·r_s
+    assert make_plan(c, s, FusionOptions(k=5)).layers[Q].k == 5
+    with pytest.raises(ValueError, match="whole number"):
+        FusionOptions(k=2.5)
+    with pytest.raises(ValueError, match="≥ 1"):
+        FusionOptions(k=0)
