@@ -24,16 +24,16 @@ MAX_STEPS = 1000
 
 JSON_HELP = """\
 --json writes one object with "gamma", "gamma_method", "steps", "pattern", "alpha", "beta", "mode", "scope",
-"te", "content_strength", "style_strength", "seed", "content", "style" and "layers". "layers" maps each layer,
-in model order, to {"k", "score_content", "score_style", "threshold", "choices", "source", "key"}. The layer's
-name is its key exactly as the content file spells it (without the ".lora_down.weight"-style suffix); a layer
-only the style file has is named as the style file spells it. "source" is "shared", "content" (only the
-content file has the layer) or "style" (only the style file has it); "key" is the canonical layer key.
-"k", "score_content" and "score_style" are null for layers that are not scored (a layer only one file has,
-text-encoder layers, layers outside --scope); "threshold" (mode klora: content while S(tau) < threshold;
-mode topk: content if above 1) is null where it is not defined or not finite. "choices" has one letter per
-step i = 0 .. N-1 at progress tau = i/N: C content, S style, B both deltas, - neither. With "--json -" the
-JSON goes to stdout and the summary to stderr.
+"te", "content_strength", "style_strength", "balance", "k" (null: r_c*r_s per layer), "seed", "content",
+"style" and "layers". "layers" maps each layer, in model order, to {"k", "score_content", "score_style",
+"threshold", "choices", "source", "key"}. The layer's name is its key exactly as the content file spells it
+(without the ".lora_down.weight"-style suffix); a layer only the style file has is named as
+the style file spells it. "source" is "shared", "content" (only the content file has the layer) or "style" (only the style
+file has it); "key" is the canonical layer key. "k", "score_content" and "score_style" are null for layers
+that are not scored (a layer only one file has, text-encoder layers, layers outside --scope); "threshold"
+(mode klora: content while S(tau) < threshold; mode topk: content if above 1) is null where it is not
+defined or not finite. "choices" has one letter per step i = 0 .. N-1 at progress tau = i/N: C content,
+S style, B both deltas, - neither. With "--json -" the JSON goes to stdout and the summary to stderr.
 
 Exit status: 0 on success, 2 on any error (one line on stderr).
 """
@@ -58,7 +58,11 @@ def _option_type(name: str):
         try:
             values = options.parse(name, text)
         except options.OptionError as e:
-            raise argparse.ArgumentTypeError(str(e).removeprefix("K-LoRA argument ")) from None
+            message = str(e).removeprefix("K-LoRA argument ")
+            if name == "pattern" and text.startswith("s") and os.path.exists(text):
+                message += ("; the shell replaced an unquoted s* by the names of files starting with 's': "
+                            "quote it, --pattern 's*'")
+            raise argparse.ArgumentTypeError(message) from None
         if name == "gamma" and values["gamma"] == "manual":  # the CLI takes the number itself
             if "gamma_value" not in values:
                 raise argparse.ArgumentTypeError(f"gamma must be auto, paper or a number > 0, got {text!r}")
@@ -76,6 +80,16 @@ def _steps(text: str) -> int:
         raise argparse.ArgumentTypeError(f"steps must be a whole number, got {text!r}") from None
     if not 1 <= value <= MAX_STEPS:
         raise argparse.ArgumentTypeError(f"steps must be between 1 and {MAX_STEPS}, got {value}")
+    return value
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"threads must be a whole number of at least 1, got {text!r}")
     return value
 
 
@@ -111,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(opt.cli, dest=opt.name, type=_option_type(opt.name), default=opt.default,
                        metavar=metavar, help=opt.help + shown)
     p.add_argument("--seed", type=_int("seed"), default=0, help="seed of mode random (default 0)")
+    p.add_argument("--threads", type=_threads, default=0, metavar="N",
+                   help="CPU threads for scoring (default: torch's); on a busy machine 1 is often fastest")
     p.add_argument("--json", metavar="PATH|-", default=None, help="write the plan as JSON ('-': stdout)")
     p.add_argument("--png", metavar="PATH", default=None, help="write the selection map as PNG")
     p.add_argument("--title", default=None, help="title line of the PNG (default: the two file names)")
@@ -182,6 +198,8 @@ def plan_json(plan: Plan, content: LoraFile, style: LoraFile, steps: int) -> dic
         "te": p["te"],
         "content_strength": p["content_strength"],
         "style_strength": p["style_strength"],
+        "balance": p["balance"],
+        "k": p["k"],
         "seed": p["seed"],
         "content": content.path,
         "style": style.path,
@@ -199,20 +217,42 @@ def _write_text(stream: IO[str], text: str) -> None:
     stream.flush()
 
 
+def _check_output(path: str | None) -> None:
+    """Refuse an output path that cannot be written before any scoring (a folder, a missing folder)."""
+    if path is None or path == "-":
+        return
+    if os.path.isdir(path):
+        raise CliError(f"cannot write {path}: it is a folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CliError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"cannot write {path}: the folder {folder} is not writable")
+
+
 def inspect(args: argparse.Namespace) -> int:
     _check_path(args.content, "content")
     _check_path(args.style, "style")
+    _check_output(args.json)
+    _check_output(args.png)
     # torch is imported from here on (a second or more): bad paths and options are reported before that
+    import torch
+
     from klora.formats import read_lora
     from klora.fusion import make_plan
     from klora.options import FusionOptions
     from klora.viz import render_selection_map, summarize
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     content = read_lora(args.content)
     style = read_lora(args.style)
     fusion_options = FusionOptions(**{o.name: getattr(args, o.name) for o in options.engine_options()},
                                    seed=args.seed)
     _check_pair(content, style)
+    if content.sha256 == style.sha256:
+        _write_text(sys.stderr, f"{PROG} inspect: warning: {args.content} and {args.style} are the same "
+                                "file, so every layer gets that LoRA whichever side is chosen\n")
     plan = make_plan(content, style, fusion_options)
 
     out = sys.stderr if args.json == "-" else sys.stdout

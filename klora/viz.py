@@ -8,10 +8,12 @@ because Pillow's default font has no Greek letters or arrows.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw, ImageFont
@@ -98,6 +100,8 @@ def plan_parameters(plan: Plan) -> dict[str, Any]:
         "te": o.te,
         "content_strength": o.content_strength,
         "style_strength": o.style_strength,
+        "balance": o.balance,
+        "k": o.k,
         "seed": o.seed,
     }
 
@@ -170,6 +174,7 @@ def summarize(plan: Plan, steps: int) -> str:
         f"layers: {sources['shared']} shared ({comp_text or 'none'}), {sources['content']} content only, "
         f"{sources['style']} style only; {scored} scored, {k_text}",
         f"gamma {_fmt_float(p['gamma'])} ({gamma_how})"
+        + (f"; balance {p['balance']:+g} (style side × {4.0 ** p['balance']:.3g})" if p["balance"] else "")
         + ("" if p["mode"] == "klora" else f"; not used by mode {p['mode']}"),
         f"pattern {p['pattern']}: S(tau) = {_fmt_float(p['alpha'])}·tau + {_fmt_float(p['beta'])}"
         + (f" mod {_fmt_float(p['alpha'])}" if p["pattern"] == "s*" else "")
@@ -189,18 +194,59 @@ def summarize(plan: Plan, steps: int) -> str:
 # ---------------------------------------------------------------------------------------------- image
 
 
+_font_files: list[str] = []
+"""TrueType fonts to draw with, in order of preference (:func:`use_font`), before the system's."""
+_SYSTEM_FONTS = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",  # Debian, Ubuntu
+    "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",  # Fedora
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",  # Arch
+    "C:/Windows/Fonts/segoeui.ttf",
+    "C:/Windows/Fonts/arial.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+    "/Library/Fonts/Arial.ttf",
+)
+# the webui's own font when the CLI runs from the extension's folder (webui/extensions/<ext>/klora/viz.py)
+_WEBUI_FONT = Path(__file__).resolve().parents[3] / "modules" / "Roboto-Regular.ttf"
+
+
+def use_font(path: str) -> None:
+    """Draw the maps with this TrueType font (the webui passes its own Roboto: the Pillow A1111 pins, 9.5,
+    has no scalable default font, and its bitmap font is unreadable at gallery size)."""
+    if path not in _font_files:
+        _font_files.insert(0, path)
+    _font.cache_clear()
+
+
+@functools.lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Pillow's default font at ``size`` px (Pillow >= 10.1), else its fixed bitmap font."""
+    """A TrueType font at ``size`` px: the one given to :func:`use_font`, the webui's, the system's; else
+    Pillow's default at that size (Pillow ≥ 10.1); else Pillow's fixed bitmap font (last resort)."""
+    for path in (*_font_files, str(_WEBUI_FONT), *_SYSTEM_FONTS):
+        try:
+            return ImageFont.truetype(path, size)
+        except OSError:
+            continue
     try:
         return ImageFont.load_default(size=size)  # type: ignore[call-arg]
     except TypeError:  # Pillow < 10.1 takes no size
         return ImageFont.load_default()
 
 
-def _latin1(text: str) -> str:
-    """Text Pillow's default fonts can draw (Latin-1 only; no Greek, no arrows)."""
-    text = text.replace("→", "->").replace("–", "-").replace("τ", "tau").replace("γ", "gamma")
-    return text.encode("latin-1", "replace").decode("latin-1")
+_FALLBACKS = {"τ": "tau", "γ": "gamma", "α": "alpha", "β": "beta", "→": "->", "–": "-", "·": "*", "≤": "<="}
+
+
+def _drawable(text: str, font: Any) -> str:
+    """``text`` with the symbols ``font`` has no glyph for spelled out (a missing glyph draws as the font's
+    box, the same mask as an unassigned code point)."""
+    missing = font.getmask("\uffff")
+    for symbol, spelled in _FALLBACKS.items():
+        if symbol in text:
+            mask = font.getmask(symbol)
+            if mask.size == missing.size and bytes(mask) == bytes(missing):
+                text = text.replace(symbol, spelled)
+    if isinstance(font, ImageFont.ImageFont):  # Pillow's bitmap font: Latin-1 only
+        return text.encode("latin-1", "replace").decode("latin-1")
+    return text
 
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
@@ -301,26 +347,25 @@ def _render(plan: Plan, steps: int, title: str | None,
 
     cell_w, row_h = _cell_width(steps), _row_height(len(table))
     grid_w = steps * cell_w
-    label_w = max(_text_size(probe, _latin1(name), font)[0] for name, _ in groups) + 18
+    label_w = max(_text_size(probe, _drawable(name, font), font)[0] for name, _ in groups) + 18
     share_label = "content share"
     label_w = max(label_w, _text_size(probe, share_label, small)[0] + 10)
     grid_x = _MARGIN + label_w
     width = grid_x + grid_w + _text_size(probe, "100%", small)[0] + 6 + _MARGIN
 
     # header: title, parameters (wrapped), legend
-    head = _latin1(title or "K-LoRA selection map")
+    head = _drawable(title or "K-LoRA selection map", title_font)
     width = max(width, _text_size(probe, head, title_font)[0] + 2 * _MARGIN)
-    params = [
-        f"pattern {p['pattern']}",
-        f"alpha {_fmt_float(p['alpha'])}",
-        f"beta {_fmt_float(p['beta'])}",
-        f"gamma {_fmt_float(p['gamma'])} ({p['gamma_method']})",
-        f"mode {p['mode']}",
-        f"scope {p['scope']}",
-        f"te {p['te']}",
-        f"{len(table)} layers x {steps} steps",
-    ]
-    param_lines = _wrap(probe, [_latin1(s) for s in params], font, width - 2 * _MARGIN)
+    params = [f"pattern {p['pattern']}", f"α {_fmt_float(p['alpha'])}", f"β {_fmt_float(p['beta'])}"]
+    if p["mode"] == "klora":  # the only mode that uses γ (and the balance)
+        params.append(f"γ {_fmt_float(p['gamma'])} ({p['gamma_method']})")
+        if p["balance"]:
+            params.append(f"balance {p['balance']:+g}")
+    if p["k"] is not None:
+        params.append(f"K {p['k']}")
+    params += [f"mode {p['mode']}", f"scope {p['scope']}", f"te {p['te']}",
+               f"{len(table)} layers × {steps} steps"]
+    param_lines = _wrap(probe, [_drawable(s, font) for s in params], font, width - 2 * _MARGIN)
     present = {c for row in table.values() for c in row}
     legend = [c for c in ("C", "S", "B", "-") if c in ("C", "S") or c in present]
     y = _MARGIN
@@ -403,7 +448,7 @@ def _render(plan: Plan, steps: int, title: str | None,
         draw.line((bx, top, bx, bottom - 1), fill=MUTED)
         draw.line((bx, top, bx + 2, top), fill=MUTED)
         draw.line((bx, bottom - 1, bx + 2, bottom - 1), fill=MUTED)
-        label = _latin1(name)
+        label = _drawable(name, font)
         tw = _text_size(draw, label, font)[0]
         tx = bx - 6 - tw
         draw.text((tx, ly), label, font=font, fill=INK)
@@ -429,16 +474,22 @@ def _render(plan: Plan, steps: int, title: str | None,
     sl_w, sl_h = _text_size(draw, share_label, small)
     draw.text((grid_x - 8 - sl_w, share_top + (_SHARE_H - sl_h) // 2), share_label, font=small, fill=MUTED)
 
-    # step ticks
+    # step ticks: every few steps, and the last step (a regular tick too close to it gives way)
     every = _tick_step(steps, cell_w)
-    for i in range(0, steps, every):
+    ticks = list(range(0, steps, every))
+    if ticks[-1] != steps - 1:
+        crowded = (steps - 1 - ticks[-1]) * cell_w < _text_size(draw, str(steps - 1), small)[0] + 8
+        if crowded and len(ticks) > 1:
+            ticks.pop()
+        ticks.append(steps - 1)
+    for i in ticks:
         cx = grid_x + i * cell_w + cell_w // 2
         draw.line((cx, ticks_y, cx, ticks_y + 3), fill=INK)
         label = str(i)
         tw = _text_size(draw, label, small)[0]
         draw.text((min(max(cx - tw // 2, grid_x), width - _MARGIN - tw), ticks_y + 5), label, font=small,
                   fill=INK)
-    axis = f"sampling step i  (progress tau = i/{steps})"
+    axis = _drawable(f"sampling step i  (progress τ = i/{steps})", font)
     aw = _text_size(draw, axis, font)[0]
     draw.text((grid_x + (grid_w - aw) // 2, ticks_y + 6 + line_h), axis, font=font, fill=MUTED)
     return image, layout

@@ -205,6 +205,14 @@ BAD = [
     ("json in missing dir", lambda c, s, b: [c, s, "--json", str(Path(c).parent / "no" / "p.json")],
      "cannot write"),
     ("one file only", lambda c, s, b: [c], "STYLE"),
+    # the webui's limits: a plan inspected here can be reproduced with the tag
+    ("beta negative", lambda c, s, b: [c, s, "--beta", "-3"], "beta"),
+    ("alpha negative", lambda c, s, b: [c, s, "--alpha", "-0.5"], "alpha"),
+    ("balance too large", lambda c, s, b: [c, s, "--balance", "1.5"], "balance"),
+    ("k fraction", lambda c, s, b: [c, s, "--k", "2.5"], "whole number"),
+    ("k zero", lambda c, s, b: [c, s, "--k", "0"], "k"),
+    ("threads zero", lambda c, s, b: [c, s, "--threads", "0"], "threads"),
+    ("png is a folder", lambda c, s, b: [c, s, "--png", str(Path(c).parent)], "is a folder"),
 ]
 
 
@@ -253,3 +261,45 @@ def test_summary_on_a_cp1252_console(pair, monkeypatch: pytest.MonkeyPatch) -> N
     stream.flush()
     text = raw.getvalue().decode("cp1252")
     assert "flips by block" in text and "C->S at step" in text and "→" not in text
+
+
+def test_bad_output_path_is_refused_before_any_file_is_read(pair, tmp_path: Path, capsys) -> None:
+    """The output folder is checked first: a typo costs nothing, even with input that would fail later."""
+    missing = str(tmp_path / "nowhere" / "map.png")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    assert main(["inspect", pair[0], str(garbage), "--png", missing]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "corrupt" not in err  # the style file was never read
+
+
+def test_unquoted_s_star_gets_a_hint(pair, tmp_path: Path, monkeypatch, capsys) -> None:
+    """An unquoted s* is replaced by the shell with the names of files starting with 's'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "style.safetensors").write_bytes(b"")
+    (tmp_path / "setup.txt").write_text("")
+    assert main(["inspect", *pair, "--pattern", "setup.txt", "style.safetensors"]) == 2
+    assert "quote it, --pattern 's*'" in capsys.readouterr().err
+
+
+def test_same_file_warns_and_still_inspects(pair, capsys) -> None:
+    assert main(["inspect", pair[0], pair[0]]) == 0
+    captured = capsys.readouterr()
+    assert "warning" in captured.err and "same file" in captured.err and "K-LoRA plan" in captured.out
+
+
+def test_k_balance_and_threads_reach_the_plan(pair, tmp_path: Path) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        doc = _run_json(pair, tmp_path, "--k", "3", "--balance", "0.5", "--threads", "1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    *_, plan = _plan(pair, k=3, balance=0.5)
+    scored = [v for v in doc["layers"].values() if v["k"] is not None]
+    assert scored and all(v["k"] == 3 for v in scored)
+    assert {v["key"]: v["choices"] for v in doc["layers"].values()} == \
+        {key: plan.choices(key, doc["steps"]) for key in plan.layers}
+
