@@ -44,10 +44,20 @@ class KLoraScript(scripts.Script):
     def show(self, is_img2img: bool) -> Any:
         return scripts.AlwaysVisible
 
+    def after_component(self, component: Any, **kwargs: Any) -> None:
+        """Catch this tab's sampling steps and prompt (created before the scripts' panels) for the panel."""
+        tab = "img2img" if getattr(self, "is_img2img", False) else "txt2img"
+        elem_id = kwargs.get("elem_id")
+        if elem_id in (f"{tab}_steps", f"{tab}_prompt"):
+            if not hasattr(self, "tab_components"):
+                self.tab_components = panel.TabComponents()
+            setattr(self.tab_components, elem_id.removeprefix(f"{tab}_"), component)
+
     def ui(self, is_img2img: bool) -> list[Any]:
+        tab = getattr(self, "tab_components", None)
         if ext is None:
-            return panel.build_ui(self, is_img2img, list, list, _no_host)
-        return ext.build_ui(self, is_img2img)
+            return panel.build_ui(self, is_img2img, list, list, _no_host, tab=tab)
+        return ext.build_ui(self, is_img2img, tab)
 
     def before_process(self, p: Any, *args: Any) -> None:
         if ext is not None:

@@ -1200,6 +1200,27 @@ def test_analyze_draws_the_map_without_generating(sd15):
     sd15.assert_clean()
 
 
+def test_common_mistakes_warn_and_still_apply(sd15):
+    """One file as both LoRAs, a strength of 0 and a LoRA of the pair also as a <lora> tag: each is said
+    with the image (infotext and comment), once, and K-LoRA still applies; Analyze says them too."""
+    p = sd15.txt2img(prompt="a dog <lora:dog:0.8>", n_iter=2,
+                     panel=sd15.panel(enabled=True, content="dog", style="dog", style_strength=0.0))
+    sd15.generate(p)
+    warning = p.extra_generation_params["K-LoRA warning"]
+    assert "dog and dog are the same file" in warning
+    assert "the style strength is 0" in warning
+    assert "dog is also in the prompt as <lora:dog:…>" in warning and "applied twice" in warning
+    assert warning.count("applied twice") == 1
+    assert "content: dog, style: dog" in p.extra_generation_params["K-LoRA"]  # applied anyway
+    sd15.assert_clean()
+    clean = sd15.txt2img(prompt="a dog <lora:ink:0.8>",
+                         panel=sd15.panel(enabled=True, content="dog", style="watercolor"))
+    sd15.generate(clean)
+    assert "K-LoRA warning" not in clean.extra_generation_params
+    _, text = sd15.w.ext.analyze(sd15.w.args.KLoraArgs(enabled=True, content="dog", style="dog"), 8)
+    assert "same file" in text
+
+
 def test_settings_and_names(sd15):
     sd15.w.callbacks.ui_settings_callback()
     opts = sd15.w.shared.opts

@@ -116,7 +116,9 @@ def through_a1111(value: str | None, hashes: str | None = None) -> dict:
 
 def test_arg_names_are_the_fields_in_order():
     assert tuple(f.name for f in fields(KLoraArgs) if f.name != "given") == ARG_NAMES
-    assert ARG_NAMES[0] == "enabled" and len(ARG_NAMES) == 14
+    # the API's positional list: the first release's 14 in their order, later options after them
+    assert ARG_NAMES[:14] == ("enabled", "content", "style", "content_strength", "style_strength", "pattern",
+                              "alpha", "beta", "gamma", "gamma_value", "mode", "scope", "te", "show_map")
     assert len(KLoraArgs().to_ui_values()) == len(ARG_NAMES)
 
 
@@ -215,11 +217,13 @@ def test_module_imports_without_webui_or_gradio():
 
 def test_full_positional_list_of_panel_values():
     values = [True, "dog", "watercolor", 0.8, 1.1, "s* (official)", 1.5, 1.0, "manual", 2.5, "Top-K only",
-              "Attention only", "Content", True]
+              "Attention only", "Content", True, -0.25, 64]
     args = args_mod.from_script_args(tuple(values))
     assert args == KLoraArgs(True, "dog", "watercolor", 0.8, 1.1, "s*", 1.5, 1.0, "manual", 2.5, "topk",
-                             "attention", "content", True)
+                             "attention", "content", True, -0.25, 64)
     assert args.to_ui_values() == values
+    # the first release's 14 values still mean what they meant (balance 0, K from the ranks)
+    assert args_mod.from_script_args(values[:14]) == replace(args, balance=0.0, k=None)
 
 
 def test_positional_codes_are_accepted_too():
@@ -259,8 +263,8 @@ def test_gamma_number_at_gamma_position_beats_gamma_value_position():
 
 
 def test_too_long_list():
-    with pytest.raises(KLoraArgsError, match="at most 14"):
-        args_mod.from_script_args([False] * 15)
+    with pytest.raises(KLoraArgsError, match=f"at most {len(ARG_NAMES)}"):
+        args_mod.from_script_args([False] * (len(ARG_NAMES) + 1))
 
 
 @pytest.mark.parametrize("bad", ["dog", b"x", 3, None])
@@ -606,6 +610,8 @@ def test_xyz_every_axis_applies():
         "Mode": ("Random", {"mode": "random"}),
         "Scope": ("Attention only", {"scope": "attention"}),
         "Text encoder": ("None", {"te": "none"}),
+        "Balance": ("-0.5", {"balance": -0.5}),
+        "K": ("128", {"k": 128}),
     }
     assert set(cases) == {a.label.removeprefix("[K-LoRA] ") for a in xyz.axes()}
     for label, (raw, expected) in cases.items():
@@ -618,7 +624,8 @@ def test_xyz_every_axis_applies():
 @pytest.mark.parametrize(("label", "raw"), [
     ("Alpha", "-1"), ("Beta", "nan"), ("Gamma", "0"), ("Gamma", "often"), ("Mode", "best"),
     ("Pattern", "x"), ("Scope", "some"), ("Text encoder", "clip"), ("Enabled", "maybe"),
-    ("Content LoRA", "None"), ("Style LoRA", ""), ("Content strength", "inf"),
+    ("Content LoRA", "None"), ("Style LoRA", ""), ("Content strength", "inf"), ("Balance", "1.5"),
+    ("K", "0"), ("K", "2.5"),
 ])
 def test_xyz_confirm_rejects_before_any_image(label, raw):
     a = axis(label)
@@ -950,7 +957,7 @@ _Component.created = []
 def fake_gradio_and_webui(monkeypatch):
     gr = types.ModuleType("gradio")
     for name in ("Dropdown", "Slider", "Radio", "Number", "Checkbox", "Button", "Image", "Markdown", "Row",
-                 "Column", "Accordion"):
+                 "Column", "Accordion", "Textbox"):
         setattr(gr, name, type(name, (_Component,), {}))
     gr.update = lambda **kwargs: {"__type__": "update", **kwargs}
     gr.__version__ = "3.41.2"
@@ -1027,10 +1034,59 @@ def test_build_ui_returns_arg_components_in_order(monkeypatch):
                                                "script_txt2img_klora_style_refresh"]
     assert refresh_buttons[0][2]() == {"choices": ["None", "dog", "wc"]}
     # paste fields: one getter per argument except show_map
-    assert [field[0] for field in script.infotext_fields] == components[:-1]
-    params = through_a1111(infotext.format_infotext(KLoraArgs(True, "dog", "wc", pattern="s*"), 1.0))
+    pasted = [n for n in ARG_NAMES if n != "show_map"]
+    assert [field[0] for field in script.infotext_fields] == [c for n, c in zip(ARG_NAMES, components,
+                                                                                 strict=True) if n in pasted]
+    args = KLoraArgs(True, "dog", "wc", pattern="s*", balance=0.5, k=300)
+    params = through_a1111(infotext.format_infotext(args, 1.0))
     assert [field[1](params) for field in script.infotext_fields] == \
-        KLoraArgs(True, "dog", "wc", pattern="s*").to_ui_values()[:-1]
+        [v for n, v in zip(ARG_NAMES, args.to_ui_values(), strict=True) if n in pasted]
+
+
+def test_build_ui_puts_the_rule_in_an_advanced_fold(monkeypatch):
+    """The pair, the strengths and the balance first; the rule's parameters folded away (closed)."""
+    gr, _ = fake_gradio_and_webui(monkeypatch)
+    panel.build_ui(FakeScript(), False, lambda: [], lambda: None, lambda a, s: (None, ""))
+    ids = [c.elem_id for c in _Component.created]
+    fold = ids.index("script_txt2img_klora_advanced")
+    advanced = _Component.created[fold]
+    assert isinstance(advanced, gr.Accordion) and advanced.kwargs["open"] is False
+    inside = {f"script_txt2img_klora_{n}" for n in ("pattern", "alpha", "beta", "gamma", "gamma_value", "k",
+                                                     "mode", "scope", "te")}
+    first = {f"script_txt2img_klora_{n}" for n in ("content", "style", "content_strength", "style_strength",
+                                                    "balance")}
+    assert all(ids.index(i) > fold for i in inside) and all(ids.index(i) < fold for i in first)
+    balance = _Component.created[ids.index("script_txt2img_klora_balance")]
+    assert (balance.kwargs["minimum"], balance.kwargs["maximum"], balance.value) == (-1.0, 1.0, 0.0)
+    assert _Component.created[ids.index("script_txt2img_klora_k")].value is None  # empty: rank × rank
+
+
+def test_build_ui_follows_the_tab_steps_and_copies_the_tag_into_the_prompt(monkeypatch):
+    gr, _ = fake_gradio_and_webui(monkeypatch)
+    steps = gr.Slider(value=28, elem_id="txt2img_steps")
+    prompt = gr.Textbox(value="", elem_id="txt2img_prompt")
+    components = panel.build_ui(FakeScript(), False, lambda: [], lambda: None, lambda a, s: (None, ""),
+                                tab=panel.TabComponents(steps=steps, prompt=prompt))
+    by_id = {comp.elem_id: comp for comp in _Component.created}
+    analyze_steps = by_id["script_txt2img_klora_analyze_steps"]
+    assert analyze_steps.value == 28  # the tab's steps, not a fixed 20
+    (name, fn, inputs, outputs), = steps.events
+    assert (name, inputs, outputs, fn(12)) == ("change", [steps], [analyze_steps], 12)
+    (_, fn, inputs, outputs), = by_id["script_txt2img_klora_copy_tag"].events
+    assert inputs == [prompt, *components] and outputs == [prompt, by_id["script_txt2img_klora_summary"]]
+    values = KLoraArgs(True, "dog", "wc", pattern="s*", balance=-0.5).to_ui_values()
+    new_prompt, note = fn("a dog <klora:old:pair:mode=merge>, on grass", *values)
+    assert new_prompt == "a dog, on grass <klora:dog:wc:pattern=s*:balance=-0.5>" and "balance=-0.5" in note
+    assert tag_mod.parse_tag(tags_in(new_prompt)) == tag_mod.parse_tag(tags_in(
+        "<klora:dog:wc:pattern=s*:balance=-0.5>"))
+    unchanged, note = fn("a dog", *KLoraArgs(True, "dog:2", "wc").to_ui_values())
+    assert unchanged == "a dog" and "cannot be written in a tag" in note
+    # without the tab's prompt (a host without one) the tag is shown instead
+    _Component.created = []
+    panel.build_ui(FakeScript(), False, lambda: [], lambda: None, lambda a, s: (None, ""))
+    button = next(c for c in _Component.created if c.elem_id == "script_txt2img_klora_copy_tag")
+    (_, fn, _, outputs), = button.events
+    assert "<klora:dog:wc>" in fn(*KLoraArgs(True, "dog", "wc").to_ui_values())
 
 
 def test_build_ui_events(monkeypatch):
@@ -1152,7 +1208,7 @@ def test_prepare_api_payload_rewrites_in_place():
 @pytest.mark.parametrize(("scripts", "expect"), [
     ({"K-LoRA": {"args": "dog, wc"}}, "must be a list"),
     ({"K-LoRA": {"args": {"content": "dog"}}}, "no style LoRA"),
-    ({"K-LoRA": {"args": [True, "dog", "wc", *([1.0] * 20)]}}, "at most 14 positional"),
+    ({"K-LoRA": {"args": [True, "dog", "wc", *([1.0] * 20)]}}, f"at most {len(ARG_NAMES)} positional"),
     ({"K-LoRA": {"args": [True, "dog", "wc", 1.0, 1.0, "zzz"]}}, "'pattern'"),
     ({"K-LoRA": {"args": [{"content": "dog"}]}}, "no style LoRA"),
     ({"K-LoRA": {"args": [{"content": "dog", "style": "wc", "alpha": "x"}]}}, "alpha"),

@@ -40,6 +40,20 @@ class ExtraNetworkKLora(extra_networks.ExtraNetwork):
         pass
 
 
+def prompt_lora_names(extra_network_data: Any) -> list[str]:
+    """The LoRA names of the prompt's ``<lora:NAME:…>`` tags (``<lyco:…>`` on older webuis), from the parsed
+    extra networks (modules/extra_networks.py ``parse_prompts``)."""
+    if not isinstance(extra_network_data, dict):
+        return []
+    names = []
+    for network in ("lora", "lyco"):
+        for params in extra_network_data.get(network, []) or []:
+            positional = getattr(params, "positional", None) or []
+            if positional and isinstance(positional[0], str):
+                names.append(positional[0])
+    return names
+
+
 def selection_map(plan: fusion.Plan, steps: int, args: KLoraArgs) -> Any:
     from klora import viz
 
@@ -93,7 +107,7 @@ class Extension:
         tag_params = p.__dict__.get(TAG_ATTR)
         if tag_params is None and isinstance(extra_network_data, dict):
             tag_params = list(extra_network_data.get(tag.TAG_NAME, []))
-        s.activate(tag_params)
+        s.activate(tag_params, prompt_lora_names(extra_network_data))
         if s.setup is None:
             return
         session.wrap(p, s)
@@ -234,7 +248,7 @@ class Extension:
             return None, f"**K-LoRA: cannot read LoRA file** `{err}`"
         except ValueError as err:
             return None, f"**K-LoRA:** {err}"
-        lines = [viz.summarize(plan, steps)]
+        lines = [viz.summarize(plan, steps), *session.pair_warnings(args, content, style)]
         if model is not None:
             try:
                 refusal = self.host.refusal(model)
@@ -252,6 +266,6 @@ class Extension:
             lines.append(f"({note})")
         return selection_map(plan, steps, args), "```\n" + "\n\n".join(lines) + "\n```"
 
-    def build_ui(self, script: Any, is_img2img: bool) -> list[Any]:
+    def build_ui(self, script: Any, is_img2img: bool, tab: panel.TabComponents | None = None) -> list[Any]:
         return panel.build_ui(script, is_img2img, loras.lora_names, loras.refresh_lora_names, self.analyze,
-                              defaults=panel_defaults(), resolve_name=loras.resolve_pasted_name)
+                              defaults=panel_defaults(), resolve_name=loras.resolve_pasted_name, tab=tab)

@@ -79,7 +79,8 @@ def format_infotext(args: KLoraArgs, gamma_used: float | None = None, note: str 
     without K-LoRA). ``from_tag`` records that a prompt tag supplied the settings, so pasting fills the panel
     but leaves its box unticked (the pasted prompt carries the tag).
     """
-    parts = [(key, _value(args, name, gamma_used)) for key, name in _INFOTEXT_FIELDS.items()]
+    parts = [(key, _value(args, name, gamma_used)) for key, name in _INFOTEXT_FIELDS.items()
+             if options.option(name).infotext_default or getattr(args, name) != options.option(name).default]
     if from_tag:
         parts.append(("source", "tag"))
     if note:

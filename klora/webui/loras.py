@@ -67,6 +67,15 @@ def resolve_lora(name: str) -> str:
     return str(entry.filename)
 
 
+def file_of(name: str) -> str | None:
+    """The file of a listed LoRA name, or None (no rescan: for the names of a prompt's tags)."""
+    try:
+        entry = _lookup(_networks(), name)
+    except KLoraInputError:
+        return None
+    return None if entry is None else str(entry.filename)
+
+
 def lora_exists(name: str) -> bool:
     """Whether the webui lists a LoRA called ``name`` (file name or alias; rescans once if not). True when
     the builtin Lora extension is missing: then the generation itself says why K-LoRA cannot run."""

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -239,8 +240,9 @@ class Session:
         if isinstance(params, dict):
             params.pop(infotext.WARNING_KEY, None)
 
-    def activate(self, tag_params: list[Any] | None) -> None:
-        """Resolve the arguments of this activation and prepare (not attach) what K-LoRA applies."""
+    def activate(self, tag_params: list[Any] | None, prompt_loras: Iterable[str] = ()) -> None:
+        """Resolve the arguments of this activation and prepare (not attach) what K-LoRA applies.
+        ``prompt_loras``: the names of the prompt's ``<lora:…>`` tags."""
         p = self.p
         if not getattr(p, "is_hr_pass", False) and getattr(p, "iteration", 0) != self._batch:
             self._new_batch()
@@ -268,7 +270,7 @@ class Session:
             self.off(f"not applied on {getattr(info, 'short_title', None) or 'another checkpoint'}")
             return
         seed = int(p.seeds[0]) if args.mode == "random" and getattr(p, "seeds", None) else 0
-        key = (args, args.given, from_tag is not None, seed, id(model))
+        key = (args, args.given, from_tag is not None, seed, id(model), tuple(prompt_loras))
         if key == self._key and self.setup is not None:
             for message in self.setup.warnings:
                 self.warn(message)
@@ -278,7 +280,7 @@ class Session:
             return
         mark = len(self._emitted)
         try:
-            setup = self.prepare(args, from_tag is not None, seed, model)
+            setup = self.prepare(args, from_tag is not None, seed, model, prompt_loras)
         except KLoraInputError as err:
             self.fail(str(err))
             return
@@ -304,14 +306,18 @@ class Session:
         self.write_infotext()
         self.sync()
 
-    def prepare(self, args: KLoraArgs, from_tag: bool, seed: int, model: Any) -> Setup:
-        """Read the pair, make the plan and place it on ``model`` (the host's targets), checked."""
+    def prepare(self, args: KLoraArgs, from_tag: bool, seed: int, model: Any,
+                prompt_loras: Iterable[str] = ()) -> Setup:
+        """Read the pair, make the plan and place it on ``model`` (the host's targets), checked; warn about
+        the common mistakes (:func:`pair_warnings`)."""
         refusal = self.host.refusal(model)
         if refusal:
             raise KLoraInputError(refusal)
         family = self.host.family(model)
         args, note = with_family_defaults(args, family)
         content, style = loras.load_pair(args.content, args.style)
+        for message in pair_warnings(args, content, style, prompt_loras):
+            self.warn(message)
         plan = fusion.make_plan(content, style, args.to_fusion_options(seed))
         targets = self.host.targets(model, plan.layers)
         cov = apply.cover(plan, content, style, targets)
@@ -343,6 +349,28 @@ class Session:
             else:
                 unet_keys.append(key)
         return te_keys, unet_keys
+
+
+def pair_warnings(args: KLoraArgs, content: LoraFile, style: LoraFile, prompt_loras: Iterable[str] = ()
+                  ) -> list[str]:
+    """What the user probably did not mean (the generation goes on; the warnings go with the image and into
+    Analyze): one file as both LoRAs, a strength of 0, a LoRA of the pair also in the prompt as ``<lora:…>``
+    (the webui adds its delta to the weights and K-LoRA adds it again)."""
+    out = []
+    if content.sha256 and content.sha256 == style.sha256:
+        out.append(f"K-LoRA: {args.content} and {args.style} are the same file, so every layer gets that "
+                   "LoRA whichever side is chosen; choose a subject LoRA and a style LoRA.")
+    for side, strength in (("content", args.content_strength), ("style", args.style_strength)):
+        if strength == 0:
+            out.append(f"K-LoRA: the {side} strength is 0, so the layers that choose the {side} LoRA add "
+                       "nothing.")
+    pair = {os.path.realpath(f.path): name for f, name in ((content, args.content), (style, args.style))}
+    for name in dict.fromkeys(prompt_loras):
+        path = loras.file_of(name)
+        if path is not None and os.path.realpath(path) in pair:
+            out.append(f"K-LoRA: {pair[os.path.realpath(path)]} is also in the prompt as <lora:{name}:…>, so "
+                       "its delta is applied twice (by the webui and by K-LoRA); remove that <lora> tag.")
+    return out
 
 
 def with_family_defaults(args: KLoraArgs, family: str) -> tuple[KLoraArgs, str | None]:
