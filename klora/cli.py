@@ -28,9 +28,10 @@ JSON_HELP = """\
 "style" and "layers". "layers" maps each layer, in model order, to {"k", "score_content", "score_style",
 "threshold", "choices", "source", "key"}. The layer's name is its key exactly as the content file spells it
 (without the ".lora_down.weight"-style suffix); a layer only the style file has is named as
-the style file spells it. "source" is "shared", "content" (only the content file has the layer) or "style" (only the style
-file has it); "key" is the canonical layer key. "k", "score_content" and "score_style" are null for layers
-that are not scored (a layer only one file has, text-encoder layers, layers outside --scope); "threshold"
+the style file spells it. "source" is "shared", "content" (only the content file has the layer) or "style"
+(only the style file has it); "key" is the canonical layer key. "k", "score_content" and "score_style"
+are null for layers that are not scored (a layer only one file has, text-encoder layers, layers outside
+--scope); "threshold"
 (mode klora: content while S(tau) < threshold; mode topk: content if above 1) is null where it is not
 defined or not finite. "choices" has one letter per step i = 0 .. N-1 at progress tau = i/N: C content,
 S style, B both deltas, - neither. With "--json -" the JSON goes to stdout and the summary to stderr.

@@ -214,7 +214,7 @@ def use_font(path: str) -> None:
     has no scalable default font, and its bitmap font is unreadable at gallery size)."""
     if path not in _font_files:
         _font_files.insert(0, path)
-    _font.cache_clear()
+        _font.cache_clear()
 
 
 @functools.lru_cache(maxsize=16)
@@ -236,16 +236,18 @@ _FALLBACKS = {"τ": "tau", "γ": "gamma", "α": "alpha", "β": "beta", "→": "-
 
 
 def _drawable(text: str, font: Any) -> str:
-    """``text`` with the symbols ``font`` has no glyph for spelled out (a missing glyph draws as the font's
-    box, the same mask as an unassigned code point)."""
+    """``text`` with the symbols ``font`` has no glyph for spelled out. Pillow's bitmap font draws Latin-1
+    only; a TrueType font's missing glyph draws as its box, the same mask as an unassigned code point."""
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        for symbol, spelled in _FALLBACKS.items():
+            text = text.replace(symbol, spelled)
+        return text.encode("latin-1", "replace").decode("latin-1")
     missing = font.getmask("\uffff")
     for symbol, spelled in _FALLBACKS.items():
         if symbol in text:
             mask = font.getmask(symbol)
             if mask.size == missing.size and bytes(mask) == bytes(missing):
                 text = text.replace(symbol, spelled)
-    if isinstance(font, ImageFont.ImageFont):  # Pillow's bitmap font: Latin-1 only
-        return text.encode("latin-1", "replace").decode("latin-1")
     return text
 
 

@@ -298,3 +298,39 @@ def test_summary_reports_the_plan(files, options: FusionOptions) -> None:
     if options.pattern == "s":
         assert all(ab == ("C", "S") for line in blocks.values()
                    for ab in re.findall(r"(\S)→(\S)", line))
+
+
+# ---------------------------------------------------------------------------------------------- fonts
+
+
+def test_map_text_is_scalable_on_old_pillow_with_the_webui_font(monkeypatch, tmp_path) -> None:
+    """A1111 1.10 pins Pillow 9.5, whose load_default() takes no size (a tiny bitmap font): the map then draws
+    with the webui's TrueType font, at the map's sizes, with τ and γ; without any TrueType font it still
+    draws, spelling the symbols out."""
+    from PIL import ImageFont
+
+    def old_load_default(*args, **kwargs):  # Pillow < 10.1: PIL/ImageFont.py load_default(): bitmap only
+        if args or kwargs:
+            raise TypeError("load_default() got an unexpected keyword argument 'size'")
+        return ImageFont.load_default_imagefont()
+
+    monkeypatch.setattr(ImageFont, "load_default", old_load_default)
+    monkeypatch.setattr(viz, "_SYSTEM_FONTS", ())
+    monkeypatch.setattr(viz, "_WEBUI_FONT", tmp_path / "none.ttf")
+    monkeypatch.setattr(viz, "_font_files", [])
+    viz._font.cache_clear()
+    try:
+        bitmap = viz._font(16)
+        assert not isinstance(bitmap, ImageFont.FreeTypeFont)
+        assert viz._drawable("τ = i/8, γ 1.2", bitmap) == "tau = i/8, gamma 1.2"
+        dejavu = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+        if not Path(dejavu).exists():
+            pytest.skip("no DejaVu font on this machine to stand in for the webui's Roboto")
+        viz.use_font(dejavu)
+        font = viz._font(16)
+        assert isinstance(font, ImageFont.FreeTypeFont) and font.size == 16
+        assert viz._drawable("τ = i/8, γ 1.2", font) == "τ = i/8, γ 1.2"
+        assert font.getbbox("Ag")[3] >= 14  # readable: about 16 px, not the bitmap's 11
+    finally:
+        viz._font.cache_clear()
+

@@ -57,6 +57,12 @@ def prompt_lora_names(extra_network_data: Any) -> list[str]:
 def selection_map(plan: fusion.Plan, steps: int, args: KLoraArgs) -> Any:
     from klora import viz
 
+    try:  # the webui's own font (A1111's Pillow 9.5 has no scalable default one)
+        from modules.paths_internal import roboto_ttf_file
+
+        viz.use_font(roboto_ttf_file)
+    except (ImportError, AttributeError):
+        pass
     return viz.render_selection_map(plan, max(1, steps), title=f"K-LoRA: {args.content} × {args.style}")
 
 
