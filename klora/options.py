@@ -99,6 +99,7 @@ class Option:
     exclusive: bool = False  # the minimum itself is not allowed
     maximum: float | None = None
     integer: bool = False  # a whole number
+    unset: float | None = None  # a number that also means None (gradio's empty number box sends 0)
     tag: str | None = None
     aliases: tuple[str, ...] = ()
     infotext: str | None = None
@@ -171,10 +172,9 @@ OPTIONS: tuple[Option, ...] = (
            minimum=-1.0, maximum=1.0, tag="balance", infotext="balance", infotext_default=False,
            cli="--balance", xyz="Balance", engine=True),
     Option("k", "number", None, "K (Top-K entries)",
-           "how many of each delta's largest entries are summed (default: the product of the two ranks, as "
-           "the paper)", optional=True, minimum=1.0, integer=True, tag="k", infotext="k",
-           infotext_default=False,
-           cli="--k", xyz="K", xyz_cost=0.1, engine=True),
+           "how many of each delta's largest entries are summed (default, or 0: the product of the two "
+           "ranks, as the paper)", optional=True, unset=0, minimum=1.0, integer=True, tag="k", infotext="k",
+           infotext_default=False, cli="--k", xyz="K", xyz_cost=0.1, engine=True),
 )
 """The panel's components, the script's positional arguments and the API's positional list, in order."""
 
@@ -233,6 +233,8 @@ def _number(opt: Option, value: Any) -> float | None:
                          or (isinstance(value, str) and value.strip().lower() in ("", "default", "auto"))):
         return None
     number = _as_number(value)
+    if opt.optional and number is not None and number == opt.unset:
+        return None
     if number is None or not math.isfinite(number):
         extra = " or 'default'" if opt.optional else ""
         raise _error(opt, f"a finite number{extra}", value)

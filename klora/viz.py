@@ -342,7 +342,8 @@ def _render(plan: Plan, steps: int, title: str | None,
     groups = blocks(plan)
     p = plan_parameters(plan)
 
-    title_font, font, small = _font(16), _font(12), _font(11)
+    # sizes for a map shown at about two thirds of its width (the panel, the gallery)
+    title_font, font, small = _font(20), _font(15), _font(13)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = _text_size(probe, "Ag", font)[1] + 4
     title_h = _text_size(probe, "Ag", title_font)[1] + 6

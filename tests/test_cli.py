@@ -210,7 +210,7 @@ BAD = [
     ("alpha negative", lambda c, s, b: [c, s, "--alpha", "-0.5"], "alpha"),
     ("balance too large", lambda c, s, b: [c, s, "--balance", "1.5"], "balance"),
     ("k fraction", lambda c, s, b: [c, s, "--k", "2.5"], "whole number"),
-    ("k zero", lambda c, s, b: [c, s, "--k", "0"], "k"),
+    ("k negative", lambda c, s, b: [c, s, "--k", "-4"], "k"),
     ("threads zero", lambda c, s, b: [c, s, "--threads", "0"], "threads"),
     ("png is a folder", lambda c, s, b: [c, s, "--png", str(Path(c).parent)], "is a folder"),
 ]

@@ -577,4 +577,5 @@ def test_k_override_sums_that_many_entries_and_is_clamped():
     with pytest.raises(ValueError, match="whole number"):
         FusionOptions(k=2.5)
     with pytest.raises(ValueError, match="≥ 1"):
-        FusionOptions(k=0)
+        FusionOptions(k=-2)
+    assert FusionOptions(k=0).k is None  # 0: the default (what an empty gradio number box sends)

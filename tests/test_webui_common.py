@@ -625,7 +625,7 @@ def test_xyz_every_axis_applies():
     ("Alpha", "-1"), ("Beta", "nan"), ("Gamma", "0"), ("Gamma", "often"), ("Mode", "best"),
     ("Pattern", "x"), ("Scope", "some"), ("Text encoder", "clip"), ("Enabled", "maybe"),
     ("Content LoRA", "None"), ("Style LoRA", ""), ("Content strength", "inf"), ("Balance", "1.5"),
-    ("K", "0"), ("K", "2.5"),
+    ("K", "-1"), ("K", "2.5"),
 ])
 def test_xyz_confirm_rejects_before_any_image(label, raw):
     a = axis(label)
@@ -1058,7 +1058,9 @@ def test_build_ui_puts_the_rule_in_an_advanced_fold(monkeypatch):
     assert all(ids.index(i) > fold for i in inside) and all(ids.index(i) < fold for i in first)
     balance = _Component.created[ids.index("script_txt2img_klora_balance")]
     assert (balance.kwargs["minimum"], balance.kwargs["maximum"], balance.value) == (-1.0, 1.0, 0.0)
-    assert _Component.created[ids.index("script_txt2img_klora_k")].value is None  # empty: rank × rank
+    # K: 0 means rank × rank (gradio 3.41's Number sends 0 for an empty box: found in a real browser)
+    assert _Component.created[ids.index("script_txt2img_klora_k")].value == 0
+    assert args_mod.from_script_args([True, "a", "b", *([None] * 12), 0]).k is None
 
 
 def test_build_ui_follows_the_tab_steps_and_copies_the_tag_into_the_prompt(monkeypatch):

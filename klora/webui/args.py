@@ -112,6 +112,8 @@ def ui_value(name: str, args: KLoraArgs) -> Any:
         return args.resolved_alpha
     if name == "beta":
         return args.resolved_beta
+    if value is None and opt.unset is not None:  # an empty number box: what it sends for "unset"
+        return opt.unset
     return value
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from klora import options
 from klora.options import NO_LORA, PATTERNS
-from klora.webui.args import ARG_NAMES, TITLE, KLoraArgs, KLoraArgsError, from_script_args
+from klora.webui.args import ARG_NAMES, TITLE, KLoraArgs, KLoraArgsError, from_script_args, ui_value
 from klora.webui.infotext import paste_getters
 from klora.webui.tag import TAG_NAME, format_tag
 
@@ -135,10 +135,11 @@ def build_ui(script: Any, is_img2img: bool, lora_names: Callable[[], list[str]],
     with InputAccordion(d.enabled, label=TITLE, elem_id=eid("enable")) as enabled:
         with gr.Row(elem_id=eid("pair_row"), elem_classes=["klora-row"]):
             content, style = lora("content"), lora("style")
+        with gr.Row(elem_id=eid("balance_row"), elem_classes=["klora-row"]):
+            balance = slider("balance", -1.0, 1.0, 0.05)
         with gr.Row(elem_id=eid("strength_row"), elem_classes=["klora-row"]):
             content_strength = slider("content_strength", -4.0, 4.0, 0.05)
             style_strength = slider("style_strength", -4.0, 4.0, 0.05)
-            balance = slider("balance", -1.0, 1.0, 0.05)
         with gr.Accordion("Advanced", open=False, elem_id=eid("advanced")):
             with gr.Row(elem_id=eid("schedule_row"), elem_classes=["klora-row"]):
                 pattern = pick("pattern")
@@ -147,7 +148,7 @@ def build_ui(script: Any, is_img2img: bool, lora_names: Callable[[], list[str]],
                 gamma = pick("gamma")
                 gamma_value = gr.Number(label=opt("gamma_value").label, value=d.gamma_value,
                                         visible=d.gamma == "manual", elem_id=eid("gamma_value"))
-                k = gr.Number(label=f"{opt('k').label}, empty: rank × rank", value=d.k, precision=0,
+                k = gr.Number(label=f"{opt('k').label}, 0: rank × rank", value=ui_value("k", d), precision=0,
                               elem_id=eid("k"))
             with gr.Row(elem_id=eid("mode_row"), elem_classes=["klora-row"]):
                 mode, scope, te = pick("mode", gr.Dropdown), pick("scope"), pick("te")
