@@ -1,6 +1,6 @@
 """The webui glue on A1111 (klora/webui/, the A1111 host, scripts/klora.py) in simulated generations.
 
-The webui is the test double in tests/fake_webui (a mirror of the v1.10.1 hook order, step counters and
+The webui is the test double in tests/doubles/a1111 (a mirror of the v1.10.1 hook order, step counters and
 exception paths); the model is a small real torch model with the module names of an SD1.5/SDXL
 checkpoint, and the LoRAs are real kohya-format safetensors files. Every model call of a generation is
 observed: the output of each LoRA-patched module minus its base output must equal the delta the plan
@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from doubles.models import tiny_sd
 from safetensors.torch import save_file
 from torch import nn
 
@@ -33,8 +34,8 @@ from klora.formats import read_lora
 from klora.webui.hosts import a1111 as a1111_host
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE = Path(__file__).resolve().parent / "fake_webui"
-HOST_MODULES = ("modules", "networks", "network", "tiny_sd")
+FAKE = Path(__file__).resolve().parent / "doubles" / "a1111"
+HOST_MODULES = ("modules", "networks", "network")
 
 
 # the glue that imports the webui's modules binds to the double it was first imported with
@@ -65,7 +66,6 @@ def webui():
         import modules.shared
         import modules.shared_state
         import networks
-        import tiny_sd
 
         from klora.webui import args, extension, infotext, loras, schedule, session
         from klora.webui.hosts.a1111 import A1111Host

@@ -35,8 +35,8 @@ from klora.webui.hosts import forge as forge_host
 HERE = Path(__file__).parent
 HOST = HERE / "fake_forge" / "host"
 sys.path.insert(0, str(HERE))
-from fake_forge.flux import IntegratedFluxTransformer2DModel  # noqa: E402
-from fake_forge.tiny import TinyClip, TinySgmUNet, TinyT5  # noqa: E402
+from doubles.models.flux import IntegratedFluxTransformer2DModel  # noqa: E402
+from doubles.models.tiny_forge import TinyClip, TinySgmUNet, TinyT5  # noqa: E402
 
 _HOST_PACKAGES = ("modules", "modules_forge", "backend", "networks")
 
@@ -866,7 +866,7 @@ class _OneBlockPerLevelUNet(nn.Module):
     2, 3 (res, attention); the config's ``num_res_blocks``/``channel_mult`` kept as attributes."""
 
     def __init__(self, lin, dim: int = 16, context_dim: int = 24, emb: int = 16) -> None:
-        from fake_forge.tiny import ResBlock, SpatialTransformer
+        from doubles.models.tiny_forge import ResBlock, SpatialTransformer
 
         super().__init__()
         self.num_res_blocks = [1, 1]

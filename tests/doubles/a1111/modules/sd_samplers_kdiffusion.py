@@ -5,7 +5,6 @@ Euler calls the model once per step; Heun (second order) twice, except on the la
 from __future__ import annotations
 
 import torch
-
 from modules import sd_samplers_cfg_denoiser, sd_samplers_common
 
 

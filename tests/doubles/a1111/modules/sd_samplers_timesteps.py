@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-
 from modules import sd_samplers_common
 from modules.sd_samplers_cfg_denoiser import CFGDenoiser
 from modules.shared import opts

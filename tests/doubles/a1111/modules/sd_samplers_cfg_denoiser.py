@@ -4,7 +4,6 @@ check, refiner switch, the on_cfg_denoiser callback, the UNet call, step += 1.""
 from __future__ import annotations
 
 import torch
-
 from modules import sd_samplers_common, shared
 from modules.script_callbacks import CFGDenoiserParams, cfg_denoiser_callback
 from modules.shared import state

@@ -15,7 +15,6 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from modules import sd_models
 from torch import nn
 
 C = 32  # UNet channels
@@ -374,6 +373,8 @@ class TinySD(nn.Module):
         for m in self.modules():  # ldm zero-initialises some outputs; random values make every delta visible
             if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
                 nn.init.normal_(m.bias, std=0.1)
+        from modules import sd_models  # the double on sys.path when the model is built
+
         self.sd_checkpoint_info = sd_models.CheckpointInfo(title)
         self.sd_model_hash = "0123456789"
         self.calls = 0

@@ -6,7 +6,7 @@
 * text encoders with the HF names Forge wraps (``backend/nn/clip.py::IntegratedCLIP`` →
   ``transformer.text_model…``, ``backend/nn/t5.py::IntegratedT5`` →
   ``transformer.encoder.block.N.layer.0.SelfAttention.q``);
-* a Flux transformer: tests/fake_forge/flux.py.
+* a Flux transformer: tests/doubles/models/flux.py.
 
 Linear layers come from a factory, so the tests build them with Forge's own ``Linear`` (not a
 torch.nn.Linear).

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from modules import extra_networks, infotext_utils, prompt_parser, scripts, sd_models, sd_samplers, shared
 from modules.shared import opts, state
 
