@@ -377,6 +377,7 @@ class TinySD(nn.Module):
 
         self.sd_checkpoint_info = sd_models.CheckpointInfo(title)
         self.sd_model_hash = "0123456789"
+        self.lowvram = False  # modules/sd_models.py load_model: whether --lowvram/--medvram applies
         self.calls = 0
 
     def get_learned_conditioning(self, prompts: list[str]) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from modules import errors
+
 
 # modules/options.py: class OptionInfo
 class OptionInfo:
@@ -88,6 +90,26 @@ class Options:
         self.data_labels[key] = info
         if key not in self.data and not info.do_not_save:
             self.data[key] = info.default
+
+    # modules/options.py: Options.set(key, value, is_api=False, run_callbacks=True) — True if it changed
+    def set(self, key, value, is_api=False, run_callbacks=True):
+        oldval = self.data.get(key, None)
+        if oldval == value:
+            return False
+        option = self.data_labels[key]
+        if option.do_not_save:
+            return False
+        if is_api and option.restrict_api:
+            return False
+        setattr(self, key, value)
+        if run_callbacks and option.onchange is not None:
+            try:
+                option.onchange()
+            except Exception as e:
+                errors.display(e, f"changing setting {key} to {value}")
+                setattr(self, key, oldval)
+                return False
+        return True
 
     # modules/options.py: Options.get_default(key)
     def get_default(self, key):

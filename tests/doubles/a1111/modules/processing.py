@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from modules import extra_networks, infotext_utils, prompt_parser, scripts, sd_models, sd_samplers, shared
+from modules import (
+    extra_networks,
+    infotext_utils,
+    lowvram,
+    prompt_parser,
+    scripts,
+    sd_models,
+    sd_samplers,
+    shared,
+)
 from modules.shared import opts, state
 
 
@@ -75,9 +84,14 @@ class StableDiffusionProcessing:
         self.cached_uc = StableDiffusionProcessing.cached_uc
         self.cached_c = StableDiffusionProcessing.cached_c
 
+    # modules/processing.py: StableDiffusionProcessing.sd_model (property; the setter ignores the value)
     @property
     def sd_model(self):
         return shared.sd_model
+
+    @sd_model.setter
+    def sd_model(self, value):
+        pass
 
     @property
     def scripts(self):
@@ -178,6 +192,10 @@ class StableDiffusionProcessing:
             [self.cached_c],
             self.extra_network_data,
         )
+
+    # modules/processing.py: StableDiffusionProcessing.get_conds()
+    def get_conds(self):
+        return self.c, self.uc
 
     # modules/processing.py: StableDiffusionProcessing.parse_extra_network_prompts()
     def parse_extra_network_prompts(self):
@@ -532,6 +550,22 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         super().setup_conds()
         self.hr_uc = None
         self.hr_c = None
+
+        if self.enable_hr and self.hr_checkpoint_info is None:
+            if shared.opts.hires_fix_use_firstpass_conds:
+                self.calculate_hr_conds()
+            elif (lowvram.is_enabled(shared.sd_model)
+                  and shared.sd_model.sd_checkpoint_info == sd_models.select_checkpoint()):
+                # in lowvram mode the hires conds are made now, before the text encoder is unloaded
+                extra_networks.activate(self, self.hr_extra_network_data)
+                self.calculate_hr_conds()
+                extra_networks.activate(self, self.extra_network_data)
+
+    # modules/processing.py: StableDiffusionProcessingTxt2Img.get_conds()
+    def get_conds(self):
+        if self.is_hr_pass:
+            return self.hr_c, self.hr_uc
+        return super().get_conds()
 
     # modules/processing.py: StableDiffusionProcessingTxt2Img.parse_extra_network_prompts()
     def parse_extra_network_prompts(self):

@@ -138,6 +138,13 @@ def app_started_callback(demo, app):
             report_exception(c, "app_started_callback")
 
 
+# modules/script_callbacks.py: remove_callbacks_for_function(callback_func)
+def remove_callbacks_for_function(callback_func):
+    for callback_list in callback_map.values():
+        for callback_to_remove in [cb for cb in callback_list if cb.callback == callback_func]:
+            callback_list.remove(callback_to_remove)
+
+
 # modules/script_callbacks.py: on_model_loaded(callback, *, name=None)
 def on_model_loaded(callback, *, name=None):
     add_callback(callback_map["callbacks_model_loaded"], callback, name=name, category="model_loaded")

@@ -31,9 +31,14 @@ class CFGDenoiser(torch.nn.Module):
         # the real one wraps shared.sd_model in a k-diffusion CompVisDenoiser, rebuilt by update_inner_model
         return shared.sd_model
 
-    # modules/sd_samplers_cfg_denoiser.py: CFGDenoiser.update_inner_model()
+    # modules/sd_samplers_cfg_denoiser.py: CFGDenoiser.update_inner_model() — after a model switch: a new
+    # wrapper, and the conditioning the new model made (forward reads it back from sampler_extra_args)
     def update_inner_model(self):
         self.model_wrap = None
+
+        c, uc = self.p.get_conds()
+        self.sampler.sampler_extra_args["cond"] = c
+        self.sampler.sampler_extra_args["uncond"] = uc
 
     # modules/sd_samplers_cfg_denoiser.py: CFGDenoiser.forward(x, sigma, uncond, cond, cond_scale,
     # s_min_uncond, image_cond)

@@ -3,6 +3,7 @@ refiner switch and the Sampler base whose launch_sampling swallows an interrupt.
 
 from __future__ import annotations
 
+import torch
 from modules import sd_models, shared
 from modules.shared import opts, state
 
@@ -39,9 +40,20 @@ class InterruptedException(BaseException):
     pass
 
 
-# modules/sd_samplers_common.py: apply_refiner(cfg_denoiser, sigma=None) — by sampling steps only here
+# modules/sd_samplers_common.py: apply_refiner(cfg_denoiser, sigma=None)
 def apply_refiner(cfg_denoiser, sigma=None):
-    completed_ratio = cfg_denoiser.step / cfg_denoiser.total_steps
+    if opts.refiner_switch_by_sample_steps or sigma is None:
+        completed_ratio = cfg_denoiser.step / cfg_denoiser.total_steps
+        cfg_denoiser.p.extra_generation_params["Refiner switch by sampling steps"] = True
+    else:
+        # the position of max(sigma) in the model's sigma table; timestep samplers pass the timestep itself
+        try:
+            sigmas = cfg_denoiser.inner_model.sigmas.to(sigma.device)
+            timestep = torch.argmin(torch.abs(sigmas - torch.max(sigma)))
+        except AttributeError:
+            timestep = torch.max(sigma).to(dtype=int)
+        completed_ratio = (999 - timestep) / 1000
+
     refiner_switch_at = cfg_denoiser.p.refiner_switch_at
     refiner_checkpoint_info = cfg_denoiser.p.refiner_checkpoint_info
 
@@ -50,6 +62,15 @@ def apply_refiner(cfg_denoiser, sigma=None):
 
     if refiner_checkpoint_info is None or shared.sd_model.sd_checkpoint_info == refiner_checkpoint_info:
         return False
+
+    if getattr(cfg_denoiser.p, "enable_hr", False):
+        is_second_pass = cfg_denoiser.p.is_hr_pass
+        if opts.hires_fix_refiner_pass == "first pass" and is_second_pass:
+            return False
+        if opts.hires_fix_refiner_pass == "second pass" and not is_second_pass:
+            return False
+        if opts.hires_fix_refiner_pass != "second pass":
+            cfg_denoiser.p.extra_generation_params["Hires refiner"] = opts.hires_fix_refiner_pass
 
     cfg_denoiser.p.extra_generation_params["Refiner"] = refiner_checkpoint_info.short_title
     cfg_denoiser.p.extra_generation_params["Refiner switch at"] = refiner_switch_at

@@ -17,9 +17,13 @@ options_templates: dict[str, options.OptionInfo] = {
     ),
     "persistent_cond_cache": OptionInfo(True, "Persistent cond cache"),
     "refiner_switch_by_sample_steps": OptionInfo(
-        False, "Switch to refiner by sampling steps instead of sigmas"
+        False, "Switch to refiner by sampling steps instead of model timesteps. Old behavior for refiner."
     ),
     "hires_fix_refiner_pass": OptionInfo("second pass", "Hires fix: which pass to enable refiner for"),
+    "hires_fix_use_firstpass_conds": OptionInfo(
+        False, "For hires fix, calculate conds of second pass using extra networks of first pass."
+    ),
+    "sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint"),
     "lora_in_memory_limit": OptionInfo(0, "Number of Lora networks to keep cached in memory"),
     "always_discard_next_to_last_sigma": OptionInfo(False, "Always discard next-to-last sigma"),
 }
