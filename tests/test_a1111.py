@@ -35,7 +35,7 @@ from klora.webui.hosts import a1111 as a1111_host
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = Path(__file__).resolve().parent / "doubles" / "a1111"
-HOST_MODULES = ("modules", "networks", "network")
+HOST_MODULES = ("modules", "networks", "network", "overlay")
 
 
 # the glue that imports the webui's modules binds to the double it was first imported with

@@ -16,17 +16,20 @@ available_network_hash_lookup = {}
 forbidden_network_aliases = {}
 
 
+# The host switch of this double: the Forge overlay's networks.py
+# (extensions-builtin/sd_forge_lora/networks.py) runs this file and sets it True; Forge's Lora extension does
+# not scan the LyCORIS folder.
+FORGE = False
+
+_EXTENSIONS = [".pt", ".ckpt", ".safetensors"]
+
+
 # extensions-builtin/Lora/networks.py: process_network_files(names=None)
 def process_network_files(names: list[str] | None = None):
-    candidates = []
-    for root in (shared.cmd_opts.lora_dir, shared.cmd_opts.lyco_dir_backcompat):
-        if root and os.path.isdir(root):
-            for dirpath, _, files in os.walk(root):
-                candidates += [
-                    os.path.join(dirpath, f)
-                    for f in sorted(files)
-                    if os.path.splitext(f)[1].lower() in (".pt", ".ckpt", ".safetensors")
-                ]
+    candidates = list(shared.walk_files(shared.cmd_opts.lora_dir, allowed_extensions=_EXTENSIONS))
+    if not FORGE:
+        lyco = shared.cmd_opts.lyco_dir_backcompat
+        candidates += list(shared.walk_files(lyco, allowed_extensions=_EXTENSIONS))
     for filename in candidates:
         if os.path.isdir(filename):
             continue

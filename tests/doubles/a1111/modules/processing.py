@@ -21,6 +21,14 @@ from modules import (
 )
 from modules.shared import opts, state
 
+# The host switch of this double: False for A1111. The Forge overlay
+# (tests/doubles/forge/modules/processing.py) runs this file in its own module and sets it True. Every
+# ``if FORGE`` below is a place where Forge's modules/processing.py (dfdcbab6) differs from A1111's in what
+# the glue depends on: forge_objects reset before every batch and every sampling pass, the model reloaded
+# through sd_models.forge_model_reload, no negative conditioning at CFG 1, the hires conds made during the
+# first pass.
+FORGE = False
+
 
 # modules/processing.py: class StableDiffusionProcessing
 @dataclass(repr=False)
@@ -162,9 +170,13 @@ class StableDiffusionProcessing:
         cached_params = self.cached_params(required_prompts, steps, extra_network_data, hires_steps, False)
         for cache in caches:
             if cache[0] is not None and cached_params == cache[0]:
+                if FORGE and len(cache) > 2:  # Forge: a third slot keeps the prompt's extra generation params
+                    shared.sd_model.extra_generation_params.update(cache[2])
                 return cache[1]
         cache = caches[0]
         cache[1] = function(shared.sd_model, required_prompts, steps, hires_steps, False)
+        if FORGE and len(cache) > 2:  # backend.text_processing.classic_engine.last_extra_generation_params
+            cache[2] = {}
         cache[0] = cached_params
         return cache[1]
 
@@ -178,13 +190,16 @@ class StableDiffusionProcessing:
         total_steps = sampler_config.total_steps(self.steps) if sampler_config else self.steps
         self.step_multiplier = total_steps // self.steps
         self.firstpass_steps = total_steps
-        self.uc = self.get_conds_with_caching(
-            prompt_parser.get_learned_conditioning,
-            negative_prompts,
-            total_steps,
-            [self.cached_uc],
-            self.extra_network_data,
-        )
+        if FORGE and self.cfg_scale == 1:  # Forge: "Skipping unconditional conditioning when CFG = 1"
+            self.uc = None
+        else:
+            self.uc = self.get_conds_with_caching(
+                prompt_parser.get_learned_conditioning,
+                negative_prompts,
+                total_steps,
+                [self.cached_uc],
+                self.extra_network_data,
+            )
         self.c = self.get_conds_with_caching(
             prompt_parser.get_multicond_learned_conditioning,
             prompts,
@@ -324,7 +339,11 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
             if state.interrupted or state.stopping_generation:
                 break
 
-            sd_models.reload_model_weights()  # model can be changed for example by refiner
+            if FORGE:  # Forge: the loading parameters decide (a refiner switch set them back); objects reset
+                sd_models.forge_model_reload()
+                p.sd_model.forge_objects = p.sd_model.forge_objects_original.shallow_copy()
+            else:
+                sd_models.reload_model_weights()  # model can be changed for example by refiner
 
             p.prompts = p.all_prompts[n * p.batch_size : (n + 1) * p.batch_size]
             p.negative_prompts = p.all_negative_prompts[n * p.batch_size : (n + 1) * p.batch_size]
@@ -343,6 +362,9 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
 
             if not p.disable_extra_networks:
                 extra_networks.activate(p, p.extra_network_data)
+
+            if FORGE:  # Forge: the batch samples from the objects the LoRAs were applied to
+                p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
 
             if p.scripts is not None:
                 p.scripts.process_batch(
@@ -434,6 +456,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
 
         x = self.rng_next()
+        if FORGE:  # Forge: every sampling pass starts from the objects the LoRAs were applied to
+            self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
         if self.scripts is not None:
             self.scripts.process_before_every_sampling(
                 p=self, x=x, noise=x, c=conditioning, uc=unconditional_conditioning
@@ -451,7 +475,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         if not self.enable_hr:
             return samples
 
-        sd_models.reload_model_weights(info=self.hr_checkpoint_info)
+        if not FORGE:  # Forge goes to hr_checkpoint_name through main_entry (hires checkpoints: not modelled)
+            sd_models.reload_model_weights(info=self.hr_checkpoint_info)
 
         return self.sample_hr_pass(samples, None, seeds, subseeds, subseed_strength, prompts)
 
@@ -478,6 +503,13 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             self.scripts.process_before_every_sampling(
                 p=self, x=samples, noise=noise, c=self.hr_c, uc=self.hr_uc
             )
+
+        if FORGE:  # Forge: the objects reset, then process_before_every_sampling a second time
+            self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
+            if self.scripts is not None:
+                self.scripts.process_before_every_sampling(
+                    self, x=samples, noise=noise, c=self.hr_c, uc=self.hr_uc
+                )
 
         samples = self.sampler.sample_img2img(
             self,
@@ -554,9 +586,10 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         if self.enable_hr and self.hr_checkpoint_info is None:
             if shared.opts.hires_fix_use_firstpass_conds:
                 self.calculate_hr_conds()
-            elif (lowvram.is_enabled(shared.sd_model)
-                  and shared.sd_model.sd_checkpoint_info == sd_models.select_checkpoint()):
-                # in lowvram mode the hires conds are made now, before the text encoder is unloaded
+            elif FORGE or (lowvram.is_enabled(shared.sd_model)
+                           and shared.sd_model.sd_checkpoint_info == sd_models.select_checkpoint()):
+                # A1111 in lowvram mode makes the hires conds now, before the text encoder is unloaded; Forge
+                # always does (its branch is a plain ``else``)
                 extra_networks.activate(self, self.hr_extra_network_data)
                 self.calculate_hr_conds()
                 extra_networks.activate(self, self.extra_network_data)
@@ -601,6 +634,8 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
     # modules/processing.py: StableDiffusionProcessingImg2Img.sample(...)
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         x = self.rng_next()
+        if FORGE:  # Forge: every sampling pass starts from the objects the LoRAs were applied to
+            self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
         if self.scripts is not None:
             self.scripts.process_before_every_sampling(
                 p=self, x=self.init_latent, noise=x, c=conditioning, uc=unconditional_conditioning

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 from modules import options, shared_state
@@ -37,5 +38,20 @@ state = shared_state.State()
 # modules/shared.py: sd_model (set by sd_models.load_model; here by the tests)
 sd_model = None
 
-# modules/shared.py: cmd_opts (parsed command line); only the Lora dir is read
+# modules/shared.py: cmd_opts (parsed command line); only the Lora dirs are read
 cmd_opts = SimpleNamespace(lora_dir="", lyco_dir_backcompat="")
+
+
+# modules/shared.py: walk_files = util.walk_files (modules/util.py: walk_files(path, allowed_extensions=None))
+# — the files under ``path``, sorted; hidden folders are listed (opts.list_hidden_files is not modelled)
+def walk_files(path, allowed_extensions=None):
+    if not os.path.exists(path):
+        return
+    if allowed_extensions is not None:
+        allowed_extensions = set(allowed_extensions)
+    for root, _, files in sorted(os.walk(path, followlinks=True), key=lambda x: x[0]):
+        for filename in sorted(files):
+            extension = os.path.splitext(filename)[1].lower()
+            if allowed_extensions is not None and extension not in allowed_extensions:
+                continue
+            yield os.path.join(root, filename)
