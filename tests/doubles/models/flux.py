@@ -2,9 +2,10 @@
 ``backend/nn/flux.py::IntegratedFluxTransformer2DModel`` (DoubleStreamBlock, SingleStreamBlock, LastLayer,
 MLPEmbedder, Modulation, SelfAttention), written from those facts.
 
-``forward`` is a simplification that calls every Linear once (fused qkv and linear1 included) so that
-hooks run; it is not Flux's math. Build it on ``torch.device("meta")`` with the real FLUX.1-dev sizes
-for name and shape checks, or small and real for numeric checks.
+``forward`` has Forge's signature and patching of the latent; ``inner_forward`` is a simplification that
+calls every Linear once (fused qkv and linear1 included) so that hooks run; it is not Flux's math. Build it
+on ``torch.device("meta")`` with the real FLUX.1-dev sizes for name and shape checks, or small and real for
+numeric checks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ LinearFactory = Callable[[int, int], nn.Module]
 
 def _linear(i: int, o: int) -> nn.Module:
     return nn.Linear(i, o)
+
+
+def timestep_embedding(
+    t: torch.Tensor, dim: int, max_period: int = 10000, time_factor: float = 1000.0
+) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) times as in backend/nn/flux.py::timestep_embedding."""
+    t = time_factor * t.float()
+    half = dim // 2
+    steps = torch.arange(half, dtype=torch.float32) / half
+    freqs = torch.exp(-torch.log(torch.tensor(float(max_period))) * steps)
+    args = t[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class MLPEmbedder(nn.Module):  # backend/nn/flux.py::MLPEmbedder
@@ -138,11 +151,40 @@ class IntegratedFluxTransformer2DModel(nn.Module):  # backend/nn/flux.py::Integr
         )
         self.final_layer = LastLayer(hidden_size, self.in_channels, linear)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """img (B, L, in_channels*4), txt (B, T, context_in_dim), y (B, vec_in_dim), t (B, 256)."""
-        vec = self.time_in(t) + self.vector_in(y)
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        y: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        """The signature of Forge's forward (as KModel.apply_model calls it): the latent ``x`` (B, C, H, W) in
+        2×2 patches, ``timestep`` (B,), ``context`` (B, T, context_in_dim), ``y`` (B, vec_in_dim),
+        ``guidance`` (B,); the output in the latent's shape."""
+        b, c, h, w = x.shape
+        patches = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        img = patches.reshape(b, (h // 2) * (w // 2), c * 4)
+        out = self.inner_forward(img, context, timestep, y, guidance)
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    def inner_forward(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: torch.Tensor,
+        guidance: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """backend/nn/flux.py::IntegratedFluxTransformer2DModel.inner_forward without the positional ids:
+        img (B, L, in_channels*4) patches, txt (B, T, context_in_dim)."""
+        vec = self.time_in(timestep_embedding(timesteps, 256))
         if isinstance(self.guidance_in, MLPEmbedder):
-            vec = vec + self.guidance_in(t)
+            if guidance is None:
+                raise ValueError("Didn't get guidance strength for guidance distilled model.")
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
+        vec = vec + self.vector_in(y)
         img, txt = self.img_in(img), self.txt_in(txt)
         for block in self.double_blocks:
             img, txt = block(img, txt, vec)

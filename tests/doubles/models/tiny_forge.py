@@ -122,7 +122,18 @@ class TinySgmUNet(nn.Module):
         )
         self.out = nn.Sequential(nn.GroupNorm(8, dim), nn.SiLU(), nn.Conv2d(dim, 4, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    # the signature of backend/nn/unet.py::IntegratedUNet2DConditionModel.forward (as KModel.apply_model calls
+    # it); the time embedding ignores ``timesteps``
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        control: object = None,
+        transformer_options: dict | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
         emb = self.time_embed(torch.ones(x.shape[0], self.emb))
         h = self.input_blocks[0](x)
         for group in (self.input_blocks[1], self.middle_block, self.output_blocks[0]):

@@ -4,7 +4,6 @@ backend/nn/base.py::ModuleDict."""
 from __future__ import annotations
 
 import torch
-
 from backend.patcher.base import ModelPatcher
 
 
