@@ -1,6 +1,6 @@
 """The webui glue on A1111 (klora/webui/, the A1111 host, scripts/klora.py) in simulated generations.
 
-The webui is the test double in tests/fake_webui (a mirror of the v1.10.1 hook order, step counters and
+The webui is the test double in tests/doubles/a1111 (a mirror of the v1.10.1 hook order, step counters and
 exception paths); the model is a small real torch model with the module names of an SD1.5/SDXL
 checkpoint, and the LoRAs are real kohya-format safetensors files. Every model call of a generation is
 observed: the output of each LoRA-patched module minus its base output must equal the delta the plan
@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from doubles.models import tiny_sd
 from safetensors.torch import save_file
 from torch import nn
 
@@ -33,8 +34,8 @@ from klora.formats import read_lora
 from klora.webui.hosts import a1111 as a1111_host
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE = Path(__file__).resolve().parent / "fake_webui"
-HOST_MODULES = ("modules", "networks", "network", "tiny_sd")
+FAKE = Path(__file__).resolve().parent / "doubles" / "a1111"
+HOST_MODULES = ("modules", "networks", "network", "overlay")
 
 
 # the glue that imports the webui's modules binds to the double it was first imported with
@@ -65,7 +66,6 @@ def webui():
         import modules.shared
         import modules.shared_state
         import networks
-        import tiny_sd
 
         from klora.webui import args, extension, infotext, loras, schedule, session
         from klora.webui.hosts.a1111 import A1111Host
@@ -192,10 +192,15 @@ class Session:
         w.shared.opts.img2img_fix_steps = False
         self.model = w.tiny.TinySD(sdxl=sdxl, seed=1, title="base.safetensors")
         self.refiner = w.tiny.TinySD(sdxl=sdxl, seed=2, title="refiner.safetensors")
+        w.shared.opts.refiner_switch_by_sample_steps = False
         w.sd_models.loaded_models.clear()
         w.sd_models.loaded_models.update({"base.safetensors": self.model,
                                           "refiner.safetensors": self.refiner})
-        w.sd_models.selected_checkpoint = self.model.sd_checkpoint_info
+        w.sd_models.checkpoints_list.clear()
+        w.sd_models.checkpoint_aliases.clear()
+        for m in (self.model, self.refiner):
+            m.sd_checkpoint_info.register()
+        w.shared.opts.sd_model_checkpoint = "base.safetensors"
         w.shared.sd_model = self.model
         w.processing.StableDiffusionProcessing.cached_c = [None, None]
         w.processing.StableDiffusionProcessing.cached_uc = [None, None]
@@ -317,7 +322,8 @@ class Observer:
         self.remove()
         d = params.denoiser
         call = {"step": d.step, "total": d.total_steps, "hr": bool(getattr(d.p, "is_hr_pass", False)),
-                "klora_hooks": self.s.hooked(self.model), "model": self.s.w.shared.sd_model}
+                "klora_hooks": self.s.hooked(self.model), "model": self.s.w.shared.sd_model,
+                "cond": params.text_cond}
         self.calls.append(call)
         index = len(self.calls) - 1
         for path_, m in self.modules.items():
@@ -858,6 +864,7 @@ def test_timestep_sampler_hires_pass_continues_tau(sd15):
 
 def test_refiner_switch_detaches_for_the_rest_of_the_pass(sdxl):
     obs = Observer(sdxl)
+    sdxl.w.shared.opts.refiner_switch_by_sample_steps = True  # the double's k-diffusion has no sigma table
     p = sdxl.txt2img(steps=6, refiner_checkpoint="refiner.safetensors", refiner_switch_at=0.5,
                      panel=sdxl.panel(enabled=True, content="dog", style="watercolor"))
     sdxl.generate(p)
@@ -873,6 +880,25 @@ def test_refiner_switch_detaches_for_the_rest_of_the_pass(sdxl):
     sdxl.assert_clean()
 
 
+
+def test_refiner_segment_is_conditioned_by_the_refiner_without_deltas(sdxl):
+    """modules/sd_samplers_common.py apply_refiner: after the switch the conditioning is made again by the
+    refiner's text encoders (``setup_conds``, then ``update_inner_model`` hands it to the sampler); K-LoRA's
+    text-encoder deltas, made for the base, must not be in it."""
+    obs = Observer(sdxl)
+    sdxl.w.shared.opts.refiner_switch_by_sample_steps = True
+    p = sdxl.txt2img(steps=6, refiner_checkpoint="refiner.safetensors", refiner_switch_at=0.5,
+                     panel=sdxl.panel(enabled=True, content="dog", style="watercolor", te="both"))
+    sdxl.generate(p)
+    obs.remove()
+    with torch.no_grad():
+        base_clean = sdxl.model.get_learned_conditioning(["a dog"])
+        refiner_clean = sdxl.refiner.get_learned_conditioning(["a dog"])
+    assert not torch.allclose(obs.calls[0]["cond"], base_clean)  # the base pass had the deltas
+    assert [c["model"] is sdxl.refiner for c in obs.calls] == [False] * 3 + [True] * 3
+    for call in obs.calls[3:]:
+        torch.testing.assert_close(call["cond"], refiner_clean, rtol=0, atol=0)
+    sdxl.assert_clean()
 
 def test_refiner_loaded_into_the_same_model_object_detaches(sdxl, monkeypatch):
     """modules/sd_models.py reload_model_weights: with the default sd_checkpoints_limit = 1, a refiner of the
@@ -894,6 +920,7 @@ def test_refiner_loaded_into_the_same_model_object_detaches(sdxl, monkeypatch):
 
     monkeypatch.setattr(w.sd_models, "reload_model_weights", reload_in_place)
     obs = Observer(sdxl)
+    sdxl.w.shared.opts.refiner_switch_by_sample_steps = True  # the double's k-diffusion has no sigma table
     p = sdxl.txt2img(steps=6, refiner_checkpoint="refiner.safetensors", refiner_switch_at=0.5,
                      panel=sdxl.panel(enabled=True, content="dog", style="watercolor"))
     sdxl.generate(p)

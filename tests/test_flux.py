@@ -2,7 +2,7 @@
 rows (klora.keys.flux).
 
 Names and shapes come from real models: diffusers' ``FluxTransformer2DModel`` with the FLUX.1-dev config
-and a BFL-named tree with Forge's names (tests/fake_forge/flux.py), both on the meta device.
+and a BFL-named tree with Forge's names (tests/doubles/models/flux.py), both on the meta device.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from klora.keys import flux
 from klora.layers import LoraFormatError, LoraLayer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_forge.flux import IntegratedFluxTransformer2DModel
+from doubles.models.flux import IntegratedFluxTransformer2DModel
 
 H = 3072
 MLP = 12288

@@ -1,6 +1,8 @@
-"""klora.webui.hosts and the Forge host against a double of Forge (tests/fake_forge/host, each item citing
-the Forge file and function it mirrors) with real torch modules built from Forge's ``Linear`` (not a
-torch.nn.Linear) and Forge's module names.
+"""klora.webui.hosts and the Forge host against the double of Forge (tests/doubles/forge over
+tests/doubles/a1111, each item citing the Forge file and function it mirrors) with real torch modules built
+from Forge's ``Linear`` (not a torch.nn.Linear) and Forge's module names. Generations run through the doubles'
+process_images down to ``KModel.apply_model``, which calls the UNet / Flux transformer; every call of it is
+observed.
 
 The oracle of every generation is a deep copy of the model, taken before any hook exists, whose weights had
 the deltas the plan chooses merged in (W + ΔW, ΔW rebuilt here from the factors written to the files), at the
@@ -11,6 +13,7 @@ schedule).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import sys
 from dataclasses import replace
@@ -19,6 +22,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from doubles.models.flux import IntegratedFluxTransformer2DModel
+from doubles.models.tiny_forge import TinyClip, TinySgmUNet, TinyT5
 from safetensors.torch import save_file
 from torch import nn
 
@@ -33,12 +38,10 @@ from klora.webui.args import TITLE, KLoraArgs
 from klora.webui.hosts import forge as forge_host
 
 HERE = Path(__file__).parent
-HOST = HERE / "fake_forge" / "host"
-sys.path.insert(0, str(HERE))
-from fake_forge.flux import IntegratedFluxTransformer2DModel  # noqa: E402
-from fake_forge.tiny import TinyClip, TinySgmUNet, TinyT5  # noqa: E402
+# the Forge overlay over the A1111 double, top first (tests/doubles/README.md)
+LAYERS = (HERE / "doubles" / "forge", HERE / "doubles" / "a1111")
 
-_HOST_PACKAGES = ("modules", "modules_forge", "backend", "networks")
+_HOST_PACKAGES = ("modules", "modules_forge", "backend", "networks", "network", "overlay")
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -49,6 +52,11 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 _GLUE = ("klora.webui.session", "klora.webui.schedule", "klora.webui.extension")  # import the webui's modules
+
+
+def _put_on_path(monkeypatch) -> None:
+    for layer in reversed(LAYERS):
+        monkeypatch.syspath_prepend(str(layer))
 
 
 def _purge() -> None:
@@ -95,7 +103,7 @@ def test_detect_by_feature():
 def test_detect_with_the_real_import_system(monkeypatch):
     _purge()
     assert host.detect().name == "a1111"  # this test process has no Forge packages
-    monkeypatch.syspath_prepend(str(HOST))
+    _put_on_path(monkeypatch)
     try:
         info = host.detect()
         assert info == host.HostInfo("forge", "2.0.1v1.10.1")
@@ -116,18 +124,19 @@ def fx(tmp_path, monkeypatch):
     """The Forge double on sys.path, the adapter imported against it, callbacks and the tag registered the way
     scripts/klora.py does, a LoRA folder; everything removed afterwards."""
     _purge()
-    monkeypatch.syspath_prepend(str(HOST))
+    _put_on_path(monkeypatch)
     import networks
     from backend.operations import ForgeOperations
     from backend.sampling import sampling_function
-    from modules import extra_networks, processing, script_callbacks, shared
+    from modules import extra_networks, processing, script_callbacks, sd_models, shared
+    from modules_forge import main_entry
 
     from klora.webui.extension import Extension, ExtraNetworkKLora
 
     forge = Extension(forge_host.ForgeHost("2.0.1v1.10.1"))
     lora_dir = tmp_path / "Lora"
     lora_dir.mkdir()
-    networks.lora_dir = str(lora_dir)
+    shared.cmd_opts.lora_dir = str(lora_dir)
     networks.list_available_networks()
     script_callbacks.on_cfg_denoiser(forge.on_cfg_denoiser)
     script_callbacks.on_script_unloaded(forge.on_script_unloaded)
@@ -139,6 +148,8 @@ def fx(tmp_path, monkeypatch):
         session=session,
         shared=shared,
         processing=processing,
+        sd_models=sd_models,
+        main_entry=main_entry,
         networks=networks,
         lora_dir=lora_dir,
         Linear=ForgeOperations.Linear,
@@ -276,17 +287,49 @@ def _write_sd_pair(lora_dir: Path, te: bool = True, rank_c: int = 4, rank_s: int
     return deltas
 
 
+_CHECKPOINTS = itertools.count()
+
+
+def _register(fx, engine, name: str) -> str:
+    """``engine`` as a checkpoint file of the webui (a fresh title each time); returns the title."""
+    title = f"{name}-{next(_CHECKPOINTS)}.safetensors"
+    info = fx.sd_models.CheckpointInfo(title)
+    info.register()
+    engine.sd_checkpoint_info = info
+    fx.sd_models.loaded_models[title] = engine
+    return title
+
+
+def _load(fx, engine, name: str):
+    """Select ``engine``'s checkpoint and load it as Forge does (modules_forge/main_entry.py
+    checkpoint_change, modules/sd_models.py forge_model_reload)."""
+    fx.main_entry.checkpoint_change(_register(fx, engine, name))
+    fx.sd_models.forge_model_reload()
+    assert fx.shared.sd_model is engine
+    return engine
+
+
+def _count_conds(engine) -> None:
+    """``engine.conds_computed``: how often its text encoders ran (get_learned_conditioning)."""
+    encode = engine.get_learned_conditioning
+    engine.conds_computed = 0
+
+    def counted(prompt):
+        engine.conds_computed += 1
+        return encode(prompt)
+
+    engine.get_learned_conditioning = counted
+
+
 def _sd_engine(fx, seed: int = 0):
-    from backend.diffusion_engine.engines import StableDiffusion
+    from backend.diffusion_engine.sd15 import StableDiffusion
 
     torch.manual_seed(seed)
     unet = TinySgmUNet(fx.Linear)
     clip = TinyClip(fx.Linear)
     engine = StableDiffusion(unet, clip)
-    engine.sd_checkpoint_info = SimpleNamespace(short_title="tiny-sd15")
-    engine.encode = lambda prompts: clip(prompts)
-    fx.shared.sd_model = engine
-    return engine
+    _count_conds(engine)
+    return _load(fx, engine, "tiny-sd15")
 
 
 def _hooks_left(*models: nn.Module) -> int:
@@ -329,34 +372,59 @@ def _sd_paths():
     return paths
 
 
-X = _rand(1, 4, 4, 4, seed=7)
+def _processing(fx, p_cls, args, prompt="a dog", **kwargs):
+    """A processing object (modules/processing.py's dataclasses) with K-LoRA's script: 32×32 (a 4×4 latent),
+    CFG scale 1 (Forge then makes no negative conditioning and runs the model once per step), seed 1, Euler,
+    4 steps unless given."""
+    if p_cls is fx.processing.StableDiffusionProcessingImg2Img:
+        kwargs.setdefault("init_images", [_rand(4, 4, 4, seed=3)])
+    kwargs = {"steps": 4, "sampler_name": "Euler", "seed": 1, "width": 32, "height": 32, "cfg_scale": 1.0,
+              **kwargs}
+    p = p_cls(prompt=prompt, **kwargs)
+    p.scripts = _Runner([Script(fx.forge, args)])
+    return p
+
+
+def _observe(model: nn.Module, on_call):
+    """A forward hook on the UNet / Flux transformer: ``on_call(args, kwargs, output)`` at every call of it;
+    returns the handle."""
+
+    def hook(module, args, kwargs, out):
+        on_call(args, kwargs, out)
+
+    return model.register_forward_hook(hook, with_kwargs=True)
 
 
 def _run(fx, engine, p_cls, args, prompt="a dog", record=None, fail_at=None, **kwargs):
-    """One generation through the double's process_images; ``record`` gets (τ, output, context) per call."""
+    """One generation through the doubles' process_images; returns ``p`` and per model call (τ, output,
+    context, hires pass, latent input). ``fail_at``: the model call that raises."""
     calls = []
+    dm = engine.forge_objects.unet.model.diffusion_model
 
-    def denoise(sd_model, x):
+    def fail(module, args_, kwargs_):
         if fail_at is not None and len(calls) == fail_at:
             raise RuntimeError("model failed")
+
+    def record_call(args_, kwargs_, out):
         run = fx.session.session_of(p)
         tau = run.clock.tau if run is not None else None
-        dm = sd_model.forge_objects.unet.model.diffusion_model
-        with torch.no_grad():
-            out = dm(X, p.c if not p.is_hr_pass else p.hr_c)
-        calls.append((tau, out, (p.c if not p.is_hr_pass else p.hr_c).clone(), p.is_hr_pass))
-        return x
+        context, x = kwargs_["context"].detach().clone(), args_[0].detach().clone()
+        calls.append((tau, out.detach().clone(), context, p.is_hr_pass, x))
 
-    p = p_cls(prompt=prompt, scripts=None, denoise=denoise, **kwargs)
-    p.scripts = _Runner([Script(fx.forge, args)])
-    fx.processing.process_images(p)
+    p = _processing(fx, p_cls, args, prompt, **kwargs)
+    handles = [dm.register_forward_pre_hook(fail, with_kwargs=True), _observe(dm, record_call)]
+    try:
+        fx.processing.process_images(p)
+    finally:
+        for handle in handles:
+            handle.remove()
     if record is not None:
         record.extend(calls)
     return p, calls
 
 
 class _Runner:
-    """modules/scripts.py::ScriptRunner for the alwayson hooks (each script called in order)."""
+    """modules/scripts.py::ScriptRunner for the alwayson hooks (each script that has the hook, in order)."""
 
     def __init__(self, scripts):
         self.scripts = scripts
@@ -364,7 +432,9 @@ class _Runner:
     def __getattr__(self, name):
         def call(p, *args, **kwargs):
             for s in self.scripts:
-                getattr(s, name)(p, *args, **kwargs)
+                hook = getattr(s, name, None)
+                if hook is not None:
+                    hook(p, *args, **kwargs)
 
         return call
 
@@ -404,10 +474,10 @@ def test_txt2img_equals_merged_weights_and_leaves_nothing(fx):
         "the pair must flip somewhere for this to test much"
     )
     cond = oracle.merged(plan, 0.0, "clip")(["a dog"])
-    for i, (tau, out, context, _) in enumerate(calls):
+    for i, (tau, out, context, _, x) in enumerate(calls):
         assert _close(context, cond)  # text encoders: both deltas (te=both)
         with torch.no_grad():
-            want = oracle.merged(plan, tau, "unet")(X, context)
+            want = oracle.merged(plan, tau, "unet")(x, context=context)
         assert _close(out, want), f"call {i}"
     assert _hooks_left(unet, clip) == 0
     assert _same(before, _state(unet, clip))
@@ -444,12 +514,20 @@ def test_peft_sdxl_style_keys_land_where_kohya_keys_do(fx):
 def test_text_encoder_conditioning_is_not_cached_across_generations(fx):
     _write_sd_pair(fx.lora_dir)
     engine = _sd_engine(fx)
+    # the first generation after a model load conditions into its own cache only (modules/processing.py
+    # manage_model_and_prompt_cache → clear_prompt_cache gives the instance and the class different lists)
+    _run(fx, engine, fx.processing.StableDiffusionProcessingTxt2Img, None, steps=2)
+    computed = [engine.conds_computed]
     p1, calls1 = _run(fx, engine, fx.processing.StableDiffusionProcessingTxt2Img, None, steps=2)
-    p2, calls2 = _run(fx, engine, fx.processing.StableDiffusionProcessingTxt2Img, _enabled(), steps=2)
+    computed.append(engine.conds_computed)
+    _p2, calls2 = _run(fx, engine, fx.processing.StableDiffusionProcessingTxt2Img, _enabled(), steps=2)
+    computed.append(engine.conds_computed)
     p3, calls3 = _run(fx, engine, fx.processing.StableDiffusionProcessingTxt2Img, None, steps=2)
+    computed.append(engine.conds_computed)
     assert not torch.allclose(calls1[0][2], calls2[0][2])  # K-LoRA's text-encoder deltas were applied
     assert torch.equal(calls1[0][2], calls3[0][2])  # and never leaked into the shared cache
-    assert (p2.conds_computed, p3.conds_computed) == (1, 0)
+    p2_conds, p3_conds = computed[2] - computed[1], computed[3] - computed[2]
+    assert (p2_conds, p3_conds) == (1, 0)
     assert infotext.INFOTEXT_KEY not in p1.extra_generation_params | p3.extra_generation_params
 
 
@@ -495,14 +573,14 @@ def test_one_hook_per_module_during_hires_sampling(fx):
     unet = engine.forge_objects.unet.model.diffusion_model
     seen = []
 
-    def denoise(sd_model, x):
+    def count(params):  # on_cfg_denoiser, just before the model call
         seen.append(max(len(m._forward_hooks) for m in unet.modules()))
-        return x
 
-    p = fx.processing.StableDiffusionProcessingTxt2Img(
-        prompt="x", steps=2, enable_hr=True, hr_second_pass_steps=2, denoise=denoise, denoising_strength=0.5
+    fx.callbacks.on_cfg_denoiser(count)
+    p = _processing(
+        fx, fx.processing.StableDiffusionProcessingTxt2Img, _enabled(), "x", steps=2, enable_hr=True,
+        hr_second_pass_steps=2, denoising_strength=0.5,
     )
-    p.scripts = _Runner([Script(fx.forge, _enabled())])
     fx.processing.process_images(p)
     assert seen == [1] * len(seen) and len(seen) == 4
 
@@ -517,26 +595,68 @@ def test_second_order_sampler_counts_calls(fx):
     assert [c[0] for c in calls] == [0, 1 / 6, 2 / 6, 3 / 6, 4 / 6]
 
 
+def test_memory_announced_per_pass_does_not_pile_up_across_generations(fx):
+    """K-LoRA adds its factors' size to a clone of the pass's UNet patcher; Forge's processing starts every
+    batch and sampling pass from ``forge_objects_after_applying_lora`` again (modules/processing.py), so the
+    next generation announces the same amount, not twice it."""
+    _write_sd_pair(fx.lora_dir, te=False)
+    engine = _sd_engine(fx)
+    p, _ = _run(fx, engine, fx.processing.StableDiffusionProcessingTxt2Img, _enabled(), steps=2)
+    setup = fx.session.session_of(p).last_setup
+    nbytes = apply.hook_bytes(setup.plan, setup.content, setup.style, setup.unet_keys, torch.float32)
+    assert nbytes > 0
+    _run(fx, engine, fx.processing.StableDiffusionProcessingTxt2Img, _enabled(), steps=2)
+    _run(fx, engine, fx.processing.StableDiffusionProcessingTxt2Img, None, steps=2)
+    assert fx.sampling.last_preserved_memory[-3:] == [nbytes, nbytes, 0]
+    for objects in (engine.forge_objects_original, engine.forge_objects_after_applying_lora):
+        assert objects.unet.extra_preserved_memory_during_sampling == 0
+
+
+def test_timestep_sampler_on_forge(fx):
+    """DDIM on Forge (modules/sd_samplers_timesteps.py, its CFGDenoiserTimesteps a subclass of Forge's
+    CFGDenoiser): a 10-step run makes 9 calls at τ = j / 10, each equal to the merged weights, with the hooks'
+    memory announced for the pass."""
+    deltas = _write_sd_pair(fx.lora_dir, te=False)
+    engine = _sd_engine(fx)
+    unet = engine.forge_objects.unet.model.diffusion_model
+    oracle = Oracle(unet, engine.forge_objects.clip.cond_stage_model.clip_l, deltas, _sd_paths())
+    p, calls = _run(fx, engine, fx.processing.StableDiffusionProcessingTxt2Img, _enabled(), steps=10,
+                    sampler_name="DDIM")
+    setup = fx.session.session_of(p).last_setup
+    assert [c[0] for c in calls] == [j / 10 for j in range(9)]
+    assert any(setup.plan.flips(k, 10) for k in setup.plan.layers)
+    for tau, out, context, _, x in calls:
+        with torch.no_grad():
+            want = oracle.merged(setup.plan, tau, "unet")(x, context=context)
+            base = oracle.unet0(x, context=context)
+        # hooks and merged weights agree to rounding (a few 1e-5 here), the deltas move the output by O(1)
+        assert (base - want).abs().max() > 0.1
+        assert torch.allclose(out, want, rtol=1e-4, atol=1e-4), tau
+    nbytes = apply.hook_bytes(setup.plan, setup.content, setup.style, setup.unet_keys, torch.float32)
+    assert fx.sampling.last_preserved_memory[-1] == nbytes > 0
+    assert _hooks_left(unet) == 0
+
+
 def test_refiner_segment_runs_without_klora(fx):
-    from backend.diffusion_engine.engines import StableDiffusionXLRefiner
+    from backend.diffusion_engine.sdxl import StableDiffusionXLRefiner
 
     _write_sd_pair(fx.lora_dir, te=False)
     engine = _sd_engine(fx)
     torch.manual_seed(3)
     refiner = StableDiffusionXLRefiner(TinySgmUNet(fx.Linear), TinyClip(fx.Linear))
-    refiner.sd_checkpoint_info = SimpleNamespace(short_title="refiner")
-    refiner.encode = lambda prompts: refiner.forge_objects.clip.cond_stage_model.clip_g(prompts)
+    refiner_title = _register(fx, refiner, "refiner")
     hooks_on_refiner = []
     unet = engine.forge_objects.unet.model.diffusion_model
     ref_unet = refiner.forge_objects.unet.model.diffusion_model
 
-    def denoise(sd_model, x):
-        hooks_on_refiner.append((sd_model is refiner, _hooks_left(ref_unet), _hooks_left(unet)))
-        return x
+    def observe(params):  # on_cfg_denoiser, after the refiner switch, just before the model call
+        hooks_on_refiner.append((fx.shared.sd_model is refiner, _hooks_left(ref_unet), _hooks_left(unet)))
 
-    p = fx.processing.StableDiffusionProcessingTxt2Img(prompt="x", steps=4, denoise=denoise)
-    p.refiner_engine, p.refiner_switch_at = refiner, 0.5
-    p.scripts = _Runner([Script(fx.forge, _enabled())])
+    fx.callbacks.on_cfg_denoiser(observe)
+    p = _processing(
+        fx, fx.processing.StableDiffusionProcessingTxt2Img, _enabled(), "x", steps=4,
+        refiner_checkpoint=refiner_title, refiner_switch_at=0.5,
+    )
     fx.processing.process_images(p)
     assert [r[0] for r in hooks_on_refiner] == [False, False, True, True]
     assert hooks_on_refiner[0][2] > 0 and all(r[1] == 0 and r[2] == 0 for r in hooks_on_refiner[2:])
@@ -554,12 +674,11 @@ def test_failure_and_interrupt_leave_no_hooks_and_identical_weights(fx):
         _run(fx, engine, fx.processing.StableDiffusionProcessingTxt2Img, _enabled(), steps=4, fail_at=2)
     assert _hooks_left(unet, clip) == 0 and _same(before, _state(unet, clip))
 
-    def interrupting(sd_model, x):
+    def interrupting(params):  # on_cfg_denoiser: the user interrupts during the first step
         fx.shared.state.interrupted = True
-        return x
 
-    p = fx.processing.StableDiffusionProcessingTxt2Img(prompt="x", steps=4, denoise=interrupting, n_iter=2)
-    p.scripts = _Runner([Script(fx.forge, _enabled())])
+    fx.callbacks.on_cfg_denoiser(interrupting)
+    p = _processing(fx, fx.processing.StableDiffusionProcessingTxt2Img, _enabled(), "x", steps=4, n_iter=2)
     fx.processing.process_images(p)
     assert _hooks_left(unet, clip) == 0 and _same(before, _state(unet, clip))
 
@@ -585,7 +704,7 @@ def test_bad_input_warns_and_generates_without_klora(fx, args, message):
     assert any(message in c for c in p.comments), p.comments
     assert infotext.INFOTEXT_KEY not in p.extra_generation_params
     with torch.no_grad():
-        assert torch.equal(calls[0][1], base(X, calls[0][2]))
+        assert torch.equal(calls[0][1], base(calls[0][4], context=calls[0][2]))
     assert _hooks_left(unet) == 0
 
 
@@ -611,12 +730,12 @@ def test_tag_over_panel_and_analyze(fx):
 
 
 def _flux_engine(fx, hidden=16, depth=1, single=2, seed=0):
-    from backend.diffusion_engine.engines import Flux
+    from backend.diffusion_engine.flux import Flux
 
     torch.manual_seed(seed)
     dm = IntegratedFluxTransformer2DModel(
         in_channels=4,
-        vec_in_dim=8,
+        vec_in_dim=24,  # the pooled CLIP-L output
         context_in_dim=12,
         hidden_size=hidden,
         num_heads=2,
@@ -626,10 +745,7 @@ def _flux_engine(fx, hidden=16, depth=1, single=2, seed=0):
     )
     clip_l, t5 = TinyClip(fx.Linear, dim=24), TinyT5(fx.Linear, dim=12)
     engine = Flux(dm, clip_l, t5)
-    engine.sd_checkpoint_info = SimpleNamespace(short_title="tiny-flux")
-    engine.encode = lambda prompts: t5(prompts)
-    fx.shared.sd_model = engine
-    return engine
+    return _load(fx, engine, "tiny-flux")
 
 
 def _write_flux_kohya(path: Path, h: int, seed: int = 0, scale: float = 1.0):
@@ -725,24 +841,20 @@ def test_flux_generation_with_fused_rows_equals_merged_rows(flux_fx):
     dm0 = copy.deepcopy(dm)
     before = _state(dm)
     deltas = _flux_oracle_deltas(h, kohya, peft)
-    img, txt, y, t = (
-        _rand(1, 6, 16, seed=1),
-        _rand(1, 3, 12, seed=2),
-        _rand(1, 8, seed=3),
-        _rand(1, 256, seed=4),
-    )
     calls = []
 
-    def denoise(sd_model, x):
+    def record_call(args, kwargs, out):  # the latent, timestep, T5 context, pooled CLIP-L and guidance
         tau = fx.session.session_of(p).clock.tau
-        with torch.no_grad():
-            calls.append((tau, sd_model.forge_objects.unet.model.diffusion_model(img, txt, y, t)))
-        return x
+        inputs = ([a.detach().clone() for a in args], dict(kwargs))
+        calls.append((tau, out.detach().clone(), inputs))
 
     steps = 6
-    p = fx.processing.StableDiffusionProcessingTxt2Img(prompt="x", steps=steps, denoise=denoise)
-    p.scripts = _Runner([Script(fx.forge, _enabled())])
-    fx.processing.process_images(p)
+    p = _processing(fx, fx.processing.StableDiffusionProcessingTxt2Img, _enabled(), "x", steps=steps)
+    handle = _observe(dm, record_call)
+    try:
+        fx.processing.process_images(p)
+    finally:
+        handle.remove()
     setup = fx.session.session_of(p).last_setup
     plan = setup.plan
     assert plan.options.pattern == "s*"  # Flux default
@@ -755,7 +867,7 @@ def test_flux_generation_with_fused_rows_equals_merged_rows(flux_fx):
         path, rows = (deltas["content"].get(key) or deltas["style"][key])[:2]
         assert target.module is dm.get_submodule(path) and target.rows == rows
     assert [c[0] for c in calls] == [i / steps for i in range(steps)]
-    for tau, out in calls:
+    for tau, out, (args, kwargs) in calls:
         merged = copy.deepcopy(dm0)
         with torch.no_grad():
             for side in ("content", "style"):
@@ -763,7 +875,7 @@ def test_flux_generation_with_fused_rows_equals_merged_rows(flux_fx):
                     if plan.choose(key, tau) in (side, "both"):
                         w = merged.get_submodule(path).weight
                         (w if rows is None else w[rows]).add_(d)
-            want = merged(img, txt, y, t)
+            want = merged(*args, **kwargs)
         assert _close(out, want), tau
     assert _hooks_left(dm) == 0 and _same(before, _state(dm))
 
@@ -774,10 +886,10 @@ def test_flux_pattern_chosen_by_the_tag_is_kept(flux_fx):
     _write_flux_peft(fx.lora_dir / "watercolor.safetensors", 16)
     _flux_engine(fx)
     calls = []
-    p = fx.processing.StableDiffusionProcessingTxt2Img(
-        prompt="<klora:dog:watercolor:pattern=s>", steps=2, denoise=lambda m, x: calls.append(1) or x
+    fx.callbacks.on_cfg_denoiser(lambda params: calls.append(1))
+    p = _processing(
+        fx, fx.processing.StableDiffusionProcessingTxt2Img, None, "<klora:dog:watercolor:pattern=s>", steps=2
     )
-    p.scripts = _Runner([Script(fx.forge, None)])
     fx.processing.process_images(p)
     info = p.extra_generation_params[infotext.INFOTEXT_KEY]
     assert "pattern: s," in info and "Flux default" not in info and len(calls) == 2
@@ -810,7 +922,7 @@ def test_flux_text_encoders_are_clip_l_and_t5(fx):
 def test_forge_key_map_agrees_with_ours_on_real_flux_sizes(fx):
     """Forge's own map (mirrored from comfyui_lora_collection's flux_to_diffusers facts) and klora.flux place
     every diffusers Flux key on the same module and rows of a FLUX.1-dev-sized model (on the meta device)."""
-    from backend.diffusion_engine.engines import Flux
+    from backend.diffusion_engine.flux import Flux
     from backend.patcher.lora import model_lora_keys_unet
 
     with torch.device("meta"):
@@ -831,7 +943,7 @@ def test_forge_key_map_agrees_with_ours_on_real_flux_sizes(fx):
 
 
 def test_sdxl_text_encoders_are_clip_l_and_clip_g(fx):
-    from backend.diffusion_engine.engines import StableDiffusionXL
+    from backend.diffusion_engine.sdxl import StableDiffusionXL
 
     torch.manual_seed(0)
     engine = StableDiffusionXL(TinySgmUNet(fx.Linear), TinyClip(fx.Linear), TinyClip(fx.Linear, dim=32))
@@ -866,7 +978,7 @@ class _OneBlockPerLevelUNet(nn.Module):
     2, 3 (res, attention); the config's ``num_res_blocks``/``channel_mult`` kept as attributes."""
 
     def __init__(self, lin, dim: int = 16, context_dim: int = 24, emb: int = 16) -> None:
-        from fake_forge.tiny import ResBlock, SpatialTransformer
+        from doubles.models.tiny_forge import ResBlock, SpatialTransformer
 
         super().__init__()
         self.num_res_blocks = [1, 1]
@@ -891,7 +1003,7 @@ class _OneBlockPerLevelUNet(nn.Module):
 def test_unet_with_one_block_per_level_maps_by_its_own_layout(fx):
     """Forge numbers SGM blocks from the checkpoint's config; with one block per level the two-block formula
     would miss ``down_blocks.1`` and put ``up_blocks.1.attentions.0`` on ``output_blocks.3``."""
-    from backend.diffusion_engine.engines import StableDiffusion
+    from backend.diffusion_engine.sd15 import StableDiffusion
 
     unet = _OneBlockPerLevelUNet(fx.Linear)
     engine = StableDiffusion(unet, TinyClip(fx.Linear))
@@ -938,7 +1050,7 @@ def test_the_script_wires_every_hook_to_the_forge_adapter(fx):
     assert isinstance(module.ext.host, forge_host.ForgeHost) and module.ext.host.label == "Forge 2.0.1v1.10.1"
     assert module.HOST_ERROR is None
     registered = {
-        name: [fn for _, fn in fns] for name, fns in fx.callbacks.callback_map.items()
+        name: [c.callback for c in callbacks] for name, callbacks in fx.callbacks.callback_map.items()
     }
     assert module.ext.on_cfg_denoiser in registered["callbacks_cfg_denoiser"]
     assert module.ext.on_before_ui in registered["callbacks_before_ui"]

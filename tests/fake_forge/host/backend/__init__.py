@@ -1,1 +1,0 @@
-"""Mirror of Forge's backend package (the 2.x architecture)."""

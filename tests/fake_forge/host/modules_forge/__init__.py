@@ -1,1 +1,0 @@
-"""Mirror of Forge's modules_forge package (its presence is what marks Forge)."""
