@@ -380,6 +380,11 @@ def test_unet_and_clip_keys_are_those_of_module_targets():
         expected = module_targets(model, component, "diffusers")
         assert {k: mapping.targets[k].module for k in expected} == expected
     assert mapping.family == "sdxl" and mapping.denoisers == [pipe.unet]
+    pipe.unet = torch.compile(pipe.unet, backend="eager")  # an OptimizedModule around the UNet (not run)
+    compiled = kd.map_pipeline(pipe)
+    assert compiled.family == "sdxl" and compiled.denoisers == [pipe.unet]
+    assert {k: t.module for k, t in compiled.targets.items()} == \
+        {k: t.module for k, t in mapping.targets.items()}
 
 
 def _family_transformer(family: str) -> tuple[nn.Module, list[str]]:
