@@ -66,6 +66,7 @@ __all__ = [
     "fuse",
     "fuse_options",
     "map_pipeline",
+    "read_options",
     "schedule_position",
 ]
 
