@@ -122,6 +122,12 @@ class StepClock:
 # Delta paths: what one LoRA layer adds to one module's output
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing the caller (False on torch versions without the query)."""
+    query = getattr(torch.compiler, "is_compiling", None)
+    return bool(query()) if query is not None else False
+
+
 def _ordinary(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.is_inference() else t
 
@@ -142,16 +148,20 @@ class _Path:
         dev, dt, cur = self._last
         if dtype is dt and device == dev:
             return cur
-        key = (device, dtype)
-        cur = self._cache.get(key)
+        cur = self._cache.get((device, dtype))
         if cur is None:
-            # Copies made during an inference_mode call (or masters prepared under it) would be inference
-            # tensors, which a later call that records autograd cannot use: keep ordinary tensors.
-            with torch.inference_mode(False):
-                cur = tuple(None if t is None else _ordinary(t.to(device=device, dtype=dtype))
-                            for t in self.master)
-            self._cache[key] = cur
+            cur = self._copy(device, dtype)
         self._last = (device, dtype, cur)
+        return cur
+
+    @torch.compiler.disable  # runs once per device and dtype; torch.compile cannot trace inference checks
+    def _copy(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
+        # Copies made during an inference_mode call (or masters prepared under it) would be inference
+        # tensors, which a later call that records autograd cannot use: keep ordinary tensors.
+        with torch.inference_mode(False):
+            cur = tuple(None if t is None else _ordinary(t.to(device=device, dtype=dtype))
+                        for t in self.master)
+        self._cache[(device, dtype)] = cur
         return cur
 
     def clear(self) -> None:
@@ -681,7 +691,10 @@ class _LayerHook:
         rows = self.rows
         # Out of place when autograd records the output (keep its graph intact) or when it is an inference
         # tensor outside inference mode (a module that entered the mode itself), which cannot be changed.
-        if out.requires_grad or (out.is_inference() and not torch.is_inference_mode_enabled()):
+        # torch.compile cannot trace is_inference() (a graph break in every hooked layer); a compiled graph
+        # makes its own tensors, so the check is left out while compiling.
+        if out.requires_grad or (not _compiling() and out.is_inference()
+                                 and not torch.is_inference_mode_enabled()):
             if rows is None:
                 return out + path(x)
             out = out.clone()

@@ -950,3 +950,36 @@ def test_cached_copies_made_in_inference_mode_serve_a_later_autograd_attach(tmp_
     ref(x2).sum().backward()
     torch.testing.assert_close(y, ref(x.detach()))
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_torch_compile_traces_the_hooks_without_graph_breaks(tmp_path):
+    """Inside a compiled module the hooks are traced into the graph (an inference-tensor check would break
+    it at every hooked layer); a τ change is followed (dynamo guards on the hooks' chosen delta)."""
+    from torch._dynamo.utils import counters
+
+    shapes = {"unet/0": (16, 16), "unet/1": (16, 16)}
+    c = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=2, seed=1, scale_by=3.0))
+    s = read_lora(_write(tmp_path, "s", write_kohya, shapes, rank=2, seed=2))
+    plan = make_plan(c, s, FusionOptions(mode="random", seed=5))
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    targets = {"unet/0": Target(model[0]), "unet/1": Target(model[1])}
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(4))
+    clock = StepClock()
+    taus = [i / 4 for i in range(4)]
+    with torch.no_grad(), attached(plan, c, s, targets, clock):
+        expected = []
+        for tau in taus:  # eager: also makes the factors' copies for this device and dtype
+            clock.tau = tau
+            expected.append(model(x))
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="eager")
+        try:
+            for tau, want in zip(taus, expected, strict=True):
+                clock.tau = tau
+                torch.testing.assert_close(compiled(x), want)
+            assert not counters["graph_break"]
+        finally:
+            torch._dynamo.reset()
+    assert len({tuple(plan.choose(k, t) for k in shapes) for t in taus}) > 1  # the choices do change

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from klora import kinds
@@ -550,6 +551,25 @@ def test_header_check_agrees_with_the_reader(bfl_flux):
     assert flux_format.looks_like_flux({"double_blocks.0.processor.qkv_lora1.down.weight": (4, 3072)})
     assert flux_format.looks_like_flux({"lora_unet_single_blocks_0_linear1.hada_w1_a": (4, 4)})
 
+
+
+def test_a_file_with_blocks_flux_lacks_is_not_flux_even_at_flux_width(tmp_path):
+    """Qwen-Image's blocks are ``transformer_blocks.N`` with Flux's attention names and width (3072) and also
+    modules Flux lacks (``img_mlp``, ``txt_mod``): such a file is another DiT's, read by the SD scheme (its
+    layers keep their module paths) rather than refused as a Flux file with unknown modules."""
+    shapes = {"transformer_blocks.0.attn.to_q": (3072, 3072),
+              "transformer_blocks.0.img_mlp.net.2": (3072, 12288)}
+    tensors = {}
+    for module, (out, inp) in shapes.items():
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(4, inp)
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(out, 4)
+    assert not flux_format.looks_like_flux(_shapes(tensors))
+    path = tmp_path / "qwen.safetensors"
+    save_file(tensors, str(path))
+    assert set(read_lora(path).layers) == {"unet/transformer_blocks_0_attn_to_q",
+                                           "unet/transformer_blocks_0_img_mlp_net_2"}
+    attention_only = {k: v for k, v in tensors.items() if "img_mlp" not in k}
+    assert flux_format.looks_like_flux(_shapes(attention_only))  # indistinguishable from Flux: still Flux
 
 @pytest.mark.parametrize(
     ("extra", "message"),

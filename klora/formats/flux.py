@@ -107,12 +107,24 @@ def _resolve(module: str) -> Located | None:
     if (rest := _strip(module, "lora_te2_")) is not None:
         # Forge maps lora_te2_ to T5 for Flux (OneTrainer writes T5 there); CLIP-L is te1.
         return Located("te3", rest) if rest.startswith("encoder_") else None
+    return _transformer(_transformer_path(module))
+
+
+def _transformer_path(module: str) -> str:
+    """A file's module spelling below the transformer, underscored (prefixes of every spelling removed)."""
     rest = _strip(module, "lora_unet_", "lora_transformer_", "lycoris_")
     if rest is None:
         rest = _strip(module, "base_model.model.", "model.diffusion_model.", "diffusion_model.",
                       "transformer.")
         rest = (rest if rest is not None else module).replace(".", "_")
-    return _transformer(rest)
+    return rest
+
+
+def _foreign_block(module: str) -> bool:
+    """A ``transformer_blocks.N`` module that Flux's double blocks do not have (Qwen-Image's ``img_mlp``,
+    ``txt_mod``): the file is another DiT's even where its attention has Flux's names and width."""
+    m = fk.RE_DIFF_DOUBLE.match(_transformer_path(module))
+    return m is not None and m.group(2) not in fk.DOUBLE
 
 
 def _evidence(module: str, located: Located | None, down_shape: Sequence[int] | None) -> bool:
@@ -147,6 +159,8 @@ def looks_like_flux(shapes: Mapping[str, Sequence[int]]) -> bool:
         parsed = _split_suffix(key)
         if parsed is not None and parsed[1] == "down":
             downs[parsed[0]] = shape
+    if any(_foreign_block(m) for m in downs):
+        return False
     return any(_evidence(m, _resolve(m), shape) for m, shape in downs.items())
 
 
