@@ -303,3 +303,23 @@ def test_k_balance_and_threads_reach_the_plan(pair, tmp_path: Path) -> None:
     assert {v["key"]: v["choices"] for v in doc["layers"].values()} == \
         {key: plan.choices(key, doc["steps"]) for key in plan.layers}
 
+
+
+def test_through_a_real_shell(pair, tmp_path: Path) -> None:
+    """Run the way a user does, by a shell: an unquoted s* expanded by it gets the hint, a quoted one works,
+    --threads and the same-file warning reach the terminal."""
+    (tmp_path / "style.safetensors").write_bytes(b"")
+    (tmp_path / "sky.png").write_bytes(b"")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("KLORA_DEBUG", None)
+    command = f"{sys.executable} -m klora inspect {pair[0]} {pair[1]} --threads 1 --steps 6 --pattern"
+    unquoted = subprocess.run(f"{command} s*", shell=True, capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
+    assert unquoted.returncode == 2 and "quote it, --pattern 's*'" in unquoted.stderr
+    quoted = subprocess.run(f"{command} 's*'", shell=True, capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)
+    assert quoted.returncode == 0, quoted.stderr
+    assert "pattern s*" in quoted.stdout
+    same = subprocess.run(f"{sys.executable} -m klora inspect {pair[0]} {pair[0]} --steps 4", shell=True,
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert same.returncode == 0 and "same file" in same.stderr
