@@ -17,11 +17,11 @@ None for full layers.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from klora import keys, kinds
 from klora.formats import container
@@ -112,8 +112,8 @@ def _scalar(path: str, name: str, t: torch.Tensor) -> float:
 def read_lora(path: str | Path) -> LoraFile:
     """Read a ``.safetensors`` LoRA file into canonical layers, or raise :class:`LoraFormatError`.
 
-    Tensors stay in the file's dtype (consumers compute in float32). The file is hashed (sha256 of its
-    bytes) so that results can be cached by content.
+    Tensors stay in the file's dtype (consumers compute in float32). The file is read once: its bytes are
+    hashed (sha256, so that results can be cached by content), checked, and the tensors are views of them.
     """
     p, ps = Path(path), str(path)
     container.check_path(p)
@@ -152,25 +152,24 @@ def read_lora(path: str | Path) -> LoraFile:
     # 2. Check, load and assemble.
     container.check_finite(ps, data, data_start, header)
     sha256 = container.sha256(data)
-    del data
     peft = PeftConfig(metadata, ps)
     layers: dict[str, LoraLayer] = {}
-    try:
-        handle = safe_open(ps, framework="pt", device="cpu")
-    except Exception as e:  # the safetensors library's own error type varies across versions
-        raise LoraFormatError(ps, f"corrupt safetensors file: {e}") from None
-    with handle as f:
-        for file_key, g in groups.items():
-            for layer in _layer(ps, scheme, peft, f, file_key, g):
-                if layer.key in layers:
-                    raise LoraFormatError(ps, f"two entries for the same layer {layer.key} "
-                                              f"(also {layers[layer.key].file_key})", layer.file_key)
-                layers[layer.key] = layer
+
+    def load(name: str) -> torch.Tensor:  # the tensors are views of the bytes read and hashed above
+        return container.tensor(ps, data, data_start, name, header[name])
+
+    for file_key, g in groups.items():
+        for layer in _layer(ps, scheme, peft, load, file_key, g):
+            if layer.key in layers:
+                raise LoraFormatError(ps, f"two entries for the same layer {layer.key} "
+                                          f"(also {layers[layer.key].file_key})", layer.file_key)
+            layers[layer.key] = layer
     ordered = {k: layers[k] for k in sorted(layers, key=keys.layer_order)}
     return LoraFile(path=ps, name=p.stem, sha256=sha256, layers=ordered, metadata=metadata)
 
 
-def _layer(ps: str, scheme: Scheme, peft: PeftConfig, f, file_key: str, g: _Group) -> list[LoraLayer]:
+def _layer(ps: str, scheme: Scheme, peft: PeftConfig, load: Callable[[str], torch.Tensor], file_key: str,
+           g: _Group) -> list[LoraLayer]:
     if not g.kinds:
         raise LoraFormatError(ps, "alpha without any LoRA factors", g.roles["alpha"])
     if len(g.kinds) > 1:
@@ -179,10 +178,7 @@ def _layer(ps: str, scheme: Scheme, peft: PeftConfig, f, file_key: str, g: _Grou
     tensors: dict[str, torch.Tensor] = {}
     alpha: float | None = None
     for role, name in g.roles.items():
-        try:
-            tensor = f.get_tensor(name)
-        except Exception as e:
-            raise LoraFormatError(ps, f"cannot read the tensor: {e}", name) from None
+        tensor = load(name)
         if role == "alpha":
             alpha = _scalar(ps, name, tensor)
             continue

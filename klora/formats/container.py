@@ -20,6 +20,10 @@ from klora.layers import LoraFormatError
 PICKLE_EXTENSIONS = frozenset({".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"})
 _MAX_HEADER = 100 * 1024 * 1024
 TORCH_FLOAT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_TORCH_DTYPE = {
+    **TORCH_FLOAT, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 _DTYPE_SIZE = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -101,6 +105,23 @@ def parse_header(p: str, data: bytearray) -> tuple[dict[str, dict], dict[str, st
             raise LoraFormatError(p, f"corrupt safetensors file: {end - start} data bytes for a {dtype} "
                                      f"tensor of shape {tuple(shape)}", key)
     return header, metadata, 8 + n
+
+
+def tensor(p: str, data: bytearray, data_start: int, name: str, entry: dict) -> torch.Tensor:
+    """The tensor ``name`` of a checked header, read from the file's bytes already in memory (no second read
+    of the file): a view of ``data`` where its offset suits the dtype, else a copy."""
+    dtype = _TORCH_DTYPE.get(entry["dtype"])
+    if dtype is None:
+        raise LoraFormatError(p, f"unsupported tensor dtype {entry['dtype']}", name)
+    start, end = (int(x) for x in entry["data_offsets"])
+    shape = tuple(int(d) for d in entry["shape"])
+    size = torch.empty((), dtype=dtype).element_size()
+    if end == start:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(data, dtype=dtype, count=(end - start) // size, offset=data_start + start)
+    if (data_start + start) % size:  # misaligned for its dtype (not written by the safetensors library)
+        flat = flat.clone()
+    return flat.reshape(shape)
 
 
 def nonfinite_reason(t: torch.Tensor) -> str | None:
