@@ -23,27 +23,28 @@ Method (per layer, one product, then a few passes over it):
    non-negative IEEE floats the integer order is the float order and equal bits are equal values
    (``abs`` never leaves -0.0), the -1 padding is negative, NaN sorts above +inf as ``torch.topk`` does.
 
-Selection and why it is exact. Let ``T`` be the coarsest table and ``t`` its ``k``-th largest entry.
-Every entry of ``T`` is the maximum of a distinct set of entries of ``X`` (the chunks of one level are
-disjoint), so at least ``k`` entries of ``X`` are ``≥ t``; hence ``t ≤ s``, the ``k``-th largest entry
-of ``X``. The Top-K multiset of ``X`` consists of entries ``≥ s ≥ t``. An entry ``x ≥ t`` lies in one
-chunk per level, and each such chunk's maximum is ``≥ x ≥ t``. Walking down from the ``k`` chunks of
-``T`` that ``topk`` picked, keeping at each level exactly the children ``≥ t``, therefore reaches every
-entry ``≥ t`` except possibly those below a chunk of ``T`` with maximum exactly ``t`` that was not
-picked; those entries are ``≤ t ≤ s``, and entries equal to ``s`` are interchangeable in a multiset of
-values. More precisely: if ``s > t`` every Top-K entry is ``> t`` and lies below a chunk of ``T`` whose
-maximum is ``> t``, all of which ``topk`` picked; if ``s = t`` the walk keeps every entry ``> t`` (as
-before) and, below each of the ``k`` picked chunks, the entry that is its maximum (``≥ t``), so at least
-``k`` candidates are ``≥ s``. Either way the candidates ``C ⊆ X`` contain the ``k`` largest values of
-``X`` as a multiset, so ``topk(C, k)`` equals ``topk(X, k)`` value for value; sorted descending, the two
-lists are identical. No rounding is involved: the candidates are the very floats of ``X``.
+Selection and why it is exact. Let ``T`` be the coarsest table, ``P`` the ``k`` entries that
+``topk(T, k)`` picks and ``t = min P`` (``T``'s ``k``-th largest entry). ``T``'s entries are maxima of
+disjoint chunks of ``X``, so ``X`` has at least ``k`` entries ``≥ t``: ``t ≤ s``, the ``k``-th largest
+entry of ``X``. Below the chunks of ``P``, level by level, the walk keeps exactly the children ``≥ t``; an
+entry ``x ≥ t`` lies in one chunk per level and each has a maximum ``≥ x ≥ t``, so the walk ends with
+``C`` = every entry ``≥ t`` of ``X`` below ``P``. Now (i) every entry ``x > t`` is in ``C``: its chunk of
+``T`` has a maximum ``> t`` and ``topk`` picks every entry larger than its ``k``-th; (ii) ``|C| ≥ k``: the
+maximum of each picked chunk is an entry ``≥ t`` below it. If ``s > t`` the Top-K entries are all ``> t``,
+in ``C`` by (i). If ``s = t``, ``C`` holds every entry ``> s`` by (i) and at least ``k`` entries ``≥ s``
+by (ii), so enough entries equal to ``s``. Either way the ``k`` largest values of ``C ⊆ X`` are those of
+``X``, so ``topk(C, k).values`` equals ``topk(X, k).values`` element for element; no rounding is involved,
+``C`` holds the very floats of ``X``.
 
-L1: each row summed in float32 by torch's reduction (cascade/pairwise on CPU, tree on CUDA), the row sums
-in float64. For non-negative terms the relative error is at most about ``(c·log2 n + 1)·2⁻²⁴`` for rows
-of ``n`` entries with pairwise summation (``n·2⁻²⁴`` in the worst case of a plain loop) plus ``2⁻⁵³``
-per row, i.e. below 1e-6 for rows of ≤ 10⁴ entries; the tests check ≤ 1e-6 against a float64 reference.
-This is the current ``klora.fusion._l1`` order. The L1 needs every ``|U_ij|``, so every product entry
-must be formed; only the Top-K part could skip work.
+L1: each row summed in float32 by ``torch.sum`` (on CPU a cascade of vectorized partial sums, on CUDA a
+tree), the row sums accumulated in float64: the order ``klora.fusion._l1`` uses, hence the same value.
+Bound: for ``n`` non-negative float32 terms every summation order has relative error at most
+``γ(n-1)``, ``γ(j) = j·u/(1 - j·u)``, ``u = 2⁻²⁴`` (1.2e-4 for rows of 2048, the worst case of a plain
+loop); the cascade keeps it near ``log2(n)·u`` in practice (≤ 1e-8 measured on SDXL layers against a
+float64 sum, ≤ 1e-6 asserted by the tests); the float64 stage adds at most ``m·2⁻⁵³``. The L1 needs
+every ``|U_ij|``, so an exact method must form every product entry; only the Top-K part could skip work
+(bounds such as ``|U_ij| ≤ ‖up_i‖·‖down_j‖`` could skip only the maxima pass; on random rank-32 factors
+they prune nothing, see ``benchmarks/bench_topk.py --pruning``); here it costs one pass and a short walk.
 
 A NaN in ``U`` (an overflow of inf − inf) makes L1 NaN; the Top-K then comes from the naive ``topk``.
 """
@@ -119,7 +120,8 @@ def _buffers(workspace: Workspace | None, m: int, n: int,
     mp = -(-m // FOLD) * FOLD
     rest = (-(-(mp // FOLD) // FOLD) * FOLD) * n + m
     if workspace is None:
-        return torch.empty((mp, n), dtype=torch.float32, device=device), torch.empty(rest, device=device)
+        return (torch.empty((mp, n), dtype=torch.float32, device=device),
+                torch.empty(rest, dtype=torch.float32, device=device))
     buf = workspace.take(mp * n + rest, device)
     return buf[:mp * n].view(mp, n), buf[mp * n:]
 
