@@ -64,14 +64,30 @@ def factors(m: int, n: int, r: int, seed: int, device: str = "cpu", kind: str = 
 def test_random_shapes_and_k(device):
     g = torch.Generator().manual_seed(1)
     ws = Workspace()
-    for trial in range(250):
-        m, n = (int(v) for v in torch.randint(1, 900, (2,), generator=g))
+    for trial in range(200):
+        choice = trial % 5  # k: 1, numel, > numel, r², random; big k (a full sort) on smaller shapes
+        m, n = (int(v) for v in torch.randint(1, 300 if choice in (1, 2, 4) else 900, (2,), generator=g))
         r = int(torch.randint(1, 40, (1,), generator=g))
         kind = ("gauss", "ints", "rows")[trial % 3]
         up, down = factors(m, n, r, trial, device, kind)
         random_k = int(torch.randint(1, m * n + 1, (1,), generator=g))
-        k = {0: 1, 1: m * n, 2: m * n + 7, 3: r * r}.get(trial % 5, random_k)
+        k = {0: 1, 1: m * n, 2: m * n + 7, 3: r * r}.get(choice, random_k)
         check(up, down, k, ws if trial % 2 else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_walk_random(device):
+    """Shapes and k that always take the chunk walk (k up to the number of 16-row chunks)."""
+    g = torch.Generator().manual_seed(2)
+    ws = Workspace()
+    for trial in range(40):
+        m = int(torch.randint(32, 1500, (1,), generator=g))
+        n = int(torch.randint(max(2, 32769 // m), 1500, (1,), generator=g))
+        chunks = -(-m // 16) * n
+        k = int(torch.randint(1, min(chunks, 20000) + 1, (1,), generator=g))
+        up, down = factors(m, n, int(torch.randint(1, 33, (1,), generator=g)), 100 + trial, device,
+                           ("gauss", "ints", "rows")[trial % 3])
+        check(up, down, k, ws)
 
 
 @pytest.mark.parametrize("device", DEVICES)
