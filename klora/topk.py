@@ -53,7 +53,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Workspace", "abs_stats", "dense_abs_stats"]
+__all__ = ["ENGINE_VERSION", "Workspace", "abs_stats", "dense_abs_stats"]
+
+#: Changes whenever the returned numbers could change. A disk cache of results should key on it together
+#: with what fixes the product's rounding: ``torch.__version__`` and the device type (CPU and CUDA
+#: matmuls round differently, and "exact" means equal to the naive method on the same device).
+ENGINE_VERSION = "klora.topk/1"
 
 #: Rows per chunk and per fold.
 FOLD = 16
