@@ -1,131 +1,96 @@
-"""Per-layer L1 and Top-K of |U| for LoRA pairs: naive, current ``klora.fusion`` and ``klora.topk``.
+"""Per-layer L1 and Top-K of |U| for SDXL LoRA pairs, and whole-process scoring: naive against ours.
 
-Pairs (SDXL UNet, the 560 attention projections, shapes from :func:`sdxl_attention_shapes`; random
-kohya-like factors, as ``bench_scoring.py`` makes them):
+Pairs (random kohya-like factors; shapes of the SDXL UNet from diffusers' config on the meta device):
 
-* ``r32 x r32``: both LoRAs rank 32, K = 1024 per layer (the issue's pair);
-* ``r8 x r32``: ranks 8 and 32, K = 256 (``bench_scoring.py``'s pair).
+* ``r32 x r32``: the 560 attention projections, both LoRAs rank 32, K = 1024 per layer;
+* ``r8 x r32``: the same layers, ranks 8 and 32, K = 256 (``bench_scoring.py``'s pair);
+* ``all r32 x r64`` (``--pairs all``): every Linear and Conv2d of the UNet (attention, feed-forward,
+  resnet convs, …: 794 layers), ranks 32 and 64, K = 2048, float16 files as trainers write them.
 
-For each layer and file: ``U = up @ down`` (float32), L1 = Σ|U| and the K largest |U|.
+For each layer and file: ``U = up @ down`` (float32; a conv's factors flattened), L1 = Σ|U| and the K
+largest |U|.
 
 In process (CPU seconds of this process, ``time.process_time``, median of ``--reps``):
 
+* products only: ``up @ down`` per layer (what every exact method must at least do);
 * naive: ``a = (up @ down).abs_()``, ``torch.topk(a.flatten(), K).values``, ``a.sum(dtype=float64)``;
-* current: ``klora.fusion._layer_stats`` (dense product, ``abs_``, row sums, chunk-maxima Top-K);
-* ours: ``klora.topk.abs_stats`` with one ``Workspace`` per file;
-* products only: ``up @ down`` per layer (what every exact method must at least do).
+* ours: ``klora.topk.abs_stats`` with one ``Workspace`` per file (what ``klora.scores`` calls).
 
 Every method's Top-K values are compared with the naive ones (``torch.equal`` per layer) and every L1
 with a float64 reference.
 
-Whole process (``--process``, on by default; the pair written to a temporary folder with safetensors;
-user + sys CPU seconds of each child from ``resource.getrusage``, median of ``--process-reps``):
+Whole process (the pair written to a temporary folder; user + sys CPU seconds and peak resident memory of
+each child from ``os.wait4``, median of ``--process-reps``, runs interleaved):
 
 * ``import torch``: the interpreter and torch alone;
 * floor: import torch, read both files (``safetensors.torch.load_file``), form every product;
 * naive: the floor plus the naive L1 and Top-K per layer;
-* ours: import torch and ``klora.topk``, read both files (``safe_open``) and hash them with sha256 (what a
-  disk cache keys on), ``abs_stats`` per layer; also without the hashing;
-* current CLI: ``python -m klora inspect CONTENT STYLE`` (reads with ``klora.formats``, scores, prints).
+* kernel: import torch, read both files, ``klora.topk.abs_stats`` per layer (no hashing, no key parsing);
+* ``klora inspect --no-cache``: the command users run, cold (reads, hashes, maps keys, scores, prints);
+* ``klora inspect``, warm: the same with its disk cache already written by an earlier run.
 
-Children run with ``OMP_NUM_THREADS=1`` (and set ``torch.set_num_threads(1)``) unless ``--threads``.
+Children run with ``OMP_NUM_THREADS=1`` (and ``torch.set_num_threads(1)``) unless ``--threads``.
 
 ``--pruning`` also reports how much a Cauchy–Schwarz bound ``|U_ij| ≤ ‖up_i‖·‖down_j‖`` could prune.
 
-    python benchmarks/bench_topk.py [--reps 3] [--process-reps 3] [--no-process] [--pairs r32,r8] [--pruning]
+    python benchmarks/bench_topk.py [--reps 3] [--process-reps 3] [--no-process] [--pairs r32,r8,all]
+                                    [--pruning]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from klora import fusion
-from klora.formats import LoraLayer
-from klora.topk import Workspace, abs_stats
+from klora.topk import Workspace, abs_stats  # noqa: E402
+from tests.synth import sdxl_unet_shapes, select, write_kohya  # noqa: E402
 
-Shapes = dict[str, tuple[int, int]]
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def sdxl_attention_shapes() -> Shapes:
-    """The 560 attention projections of the SDXL base UNet: diffusers module name (dots as ``_``) → (out, in).
-
-    Transformer blocks: ``down_blocks.1`` (640 channels, 2 attentions × 2 blocks), ``down_blocks.2`` (1280,
-    2 × 10), ``mid_block`` (1280, 1 × 10), ``up_blocks.0`` (1280, 3 × 10), ``up_blocks.1`` (640, 3 × 2);
-    each block has ``attn1`` (self) and ``attn2`` (cross, context 2048) with ``to_q``, ``to_k``, ``to_v``,
-    ``to_out.0``. Checked equal (keys, order and shapes) to the Linear layers of diffusers'
-    ``UNet2DConditionModel`` built from the SDXL config on the meta device (``--check-shapes``).
-    """
-    shapes: Shapes = {}
-    for prefix, channels, attentions, depth in (
-        ("down_blocks_1", 640, 2, 2), ("down_blocks_2", 1280, 2, 10), ("up_blocks_0", 1280, 3, 10),
-        ("up_blocks_1", 640, 3, 2), ("mid_block", 1280, 1, 10),
-    ):
-        for a in range(attentions):
-            for b in range(depth):
-                for attn in ("attn1", "attn2"):
-                    for proj in ("to_q", "to_k", "to_v", "to_out_0"):
-                        cross = attn == "attn2" and proj in ("to_k", "to_v")
-                        key = f"{prefix}_attentions_{a}_transformer_blocks_{b}_{attn}_{proj}"
-                        shapes[key] = (channels, 2048 if cross else channels)
-    return shapes
+Factors = list[tuple[torch.Tensor, torch.Tensor]]  # (up, down) per layer, float32, flattened to 2-D
+PAIRS = {  # name → (layers, content rank, style rank, file dtype)
+    "r32": ("attention", 32, 32, torch.float32),
+    "r8": ("attention", 8, 32, torch.float32),
+    "all": ("all", 32, 64, torch.float16),
+}
 
 
-def check_shapes() -> None:
-    """Compare :func:`sdxl_attention_shapes` with diffusers' SDXL UNet (needs diffusers)."""
-    from diffusers import UNet2DConditionModel
-
-    config = dict(
-        sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    )
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
-    real = {name.replace(".", "_"): tuple(m.weight.shape) for name, m in unet.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "to_out.0"))}
-    ours = sdxl_attention_shapes()
-    if set(real) != set(ours) or any(real[k] != ours[k] for k in ours):
-        raise SystemExit("sdxl_attention_shapes() differs from diffusers' SDXL UNet")
-    print(f"shape table checked against diffusers: {len(ours)} layers equal")
+def pair_name(name: str) -> str:
+    layers, rc, rs, _ = PAIRS[name]
+    return f"{'all ' if layers == 'all' else ''}r{rc} x r{rs}"
 
 
-def make_factors(shapes: Shapes, rank: int, seed: int) -> Factors:
-    """kohya-like factors: down ~ N(0, 1/in), up ~ N(0, σ_l²) with σ_l varying per layer."""
-    gen = torch.Generator().manual_seed(seed)
-    out: Factors = {}
-    for key, (o, i) in shapes.items():
-        sigma = 0.01 * float(torch.empty(1).uniform_(0.3, 3.0, generator=gen))
-        up = torch.randn(o, rank, generator=gen) * sigma
-        out[key] = (up, torch.randn(rank, i, generator=gen) / math.sqrt(i))
-    return out
+def layer_magnitude(key: str) -> float:
+    """kohya-like: the delta's size varies ten-fold from layer to layer (deterministic per key)."""
+    return 0.01 * (0.3 + 2.7 * (zlib.crc32(key.encode()) % 1000) / 1000)
 
 
-def write_lora(path: Path, factors: Factors, alpha: float) -> None:
-    from safetensors.torch import save_file
+def write_pair(name: str, folder: Path) -> tuple[Path, Path]:
+    layers, rc, rs, dtype = PAIRS[name]
+    shapes = sdxl_unet_shapes()
+    if layers == "attention":
+        shapes = select(shapes, attention=True)
+    paths = folder / f"{name}_content.safetensors", folder / f"{name}_style.safetensors"
+    for path, rank, seed in ((paths[0], rc, 1), (paths[1], rs, 2)):
+        write_kohya(path, shapes, rank=rank, alpha=rank / 2, seed=seed, scale_by=layer_magnitude, dtype=dtype)
+    return paths
 
-    tensors = {}
-    for key, (up, down) in factors.items():
-        tensors[f"lora_unet_{key}.lora_down.weight"] = down.contiguous()
-        tensors[f"lora_unet_{key}.lora_up.weight"] = up.contiguous()
-        tensors[f"lora_unet_{key}.alpha"] = torch.tensor(float(alpha))
-    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"})
+
+def read_factors(path: Path) -> Factors:
+    t = load_file(str(path))
+    return [(t[key.replace("lora_down", "lora_up")].flatten(1).float(), t[key].flatten(1).float())
+            for key in t if key.endswith(".lora_down.weight")]
 
 
 # ------------------------------------------------------------------------------------------ in process
@@ -133,74 +98,54 @@ def write_lora(path: Path, factors: Factors, alpha: float) -> None:
 
 def naive(factors: Factors, k: int) -> list[tuple[float, torch.Tensor]]:
     out = []
-    for up, down in factors.values():
+    for up, down in factors:
         a = (up @ down).abs_()
         out.append((float(a.sum(dtype=torch.float64)), torch.topk(a.flatten(), min(k, a.numel())).values))
     return out
 
 
-def current(factors: Factors, k: int) -> list[tuple[float, torch.Tensor]]:
-    table: dict = {}
-    out = []
-    for key, (up, down) in factors.items():
-        shape = (up.shape[0], down.shape[1])
-        layer = LoraLayer(key, key, "lora", {"down": down, "up": up}, None, up.shape[1], shape)
-        stats, _ = fusion._layer_stats(table, layer, k)
-        out.append((stats.l1, stats.top[:k]))
-    return out
-
-
 def ours(factors: Factors, k: int) -> list[tuple[float, torch.Tensor]]:
     ws = Workspace()
-    return [abs_stats(up, down, k, ws) for up, down in factors.values()]
+    return [abs_stats(up, down, k, ws) for up, down in factors]
 
 
 def products(factors: Factors, k: int) -> list:
-    for up, down in factors.values():
+    for up, down in factors:
         up @ down
     return []
-
-
-def median_cpu(fn, reps: int) -> tuple[float, list[float], object]:
-    times, result = [], None
-    for _ in range(reps):
-        c0 = time.process_time()
-        result = fn()
-        times.append(time.process_time() - c0)
-    return statistics.median(times), times, result
 
 
 def in_process(pairs: dict[str, tuple[Factors, Factors]], reps: int) -> None:
     print(f"\nIn process: CPU seconds (median of {reps}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)")
     methods = [("products only (up @ down)", products), ("naive (abs_, topk, float64 sum)", naive),
-               ("current klora.fusion", current), ("ours klora.topk", ours)]
+               ("ours (klora.topk.abs_stats)", ours)]
     for name, (fc, fs) in pairs.items():
-        k = next(iter(fc.values()))[0].shape[1] * next(iter(fs.values()))[0].shape[1]
+        k = fc[0][0].shape[1] * fs[0][0].shape[1]
         print(f"  pair {name} (K = {k}, both files):")
         results = {}
         for label, fn in methods:
-            both = []
+            both: list = []
             ts = []
-            for _ in range(reps):  # interleave the two files inside each repetition
+            for _ in range(reps):
                 c0 = time.process_time()
                 both = [fn(fc, k), fn(fs, k)]
                 ts.append(time.process_time() - c0)
             results[label] = (statistics.median(ts), ts, both)
         ref = results["naive (abs_, topk, float64 sum)"][2]
-        l1_ref = [[float((up @ down).double().abs().sum()) for up, down in f.values()] for f in (fc, fs)]
+        l1_ref = [[float((up @ down).double().abs().sum()) for up, down in f] for f in (fc, fs)]
         t_naive = results["naive (abs_, topk, float64 sum)"][0]
         for label, (t, ts, res) in results.items():
             note = ""
             if res and res[0]:
-                pairs_ = [(a, b, l1) for side in range(2)
-                          for a, b, l1 in zip(res[side], ref[side], l1_ref[side], strict=True)]
-                same = all(torch.equal(a[1], b[1]) for a, b, _ in pairs_)
-                rel = max(abs(a[0] - l1) / l1 for a, _, l1 in pairs_)
+                rows = [(a, b, l1) for side in range(2)
+                        for a, b, l1 in zip(res[side], ref[side], l1_ref[side], strict=True)]
+                same = all(torch.equal(a[1], b[1]) for a, b, _ in rows)
+                rel = max(abs(a[0] - l1) / l1 for a, _, l1 in rows)
                 note = f"top-K equal to naive: {same}; L1 max rel. error vs float64 {rel:.1e}"
                 if not same:
                     raise SystemExit(f"{label}: Top-K differs from the naive method")
-            print(f"    {label:<34} {t:7.3f} s  (naive / this {t_naive / t:5.2f}×)  "
+            print(f"    {label:<32} {t:7.3f} s  (naive / this {t_naive / t:5.2f}×)  "
                   f"[{', '.join(f'{x:.2f}' for x in ts)}]  {note}")
 
 
@@ -211,10 +156,10 @@ def pruning(pairs: dict[str, tuple[Factors, Factors]]) -> None:
     entry); the product, abs_ and the row sums stay."""
     print("\nBound-based pruning (Cauchy–Schwarz), best case with the exact K-th value:")
     for name, (fc, fs) in pairs.items():
-        k = next(iter(fc.values()))[0].shape[1] * next(iter(fs.values()))[0].shape[1]
+        k = fc[0][0].shape[1] * fs[0][0].shape[1]
         for side, f in (("content", fc), ("style", fs)):
             rows = chunks = total_rows = total_chunks = 0
-            for up, down in f.values():
+            for up, down in f:
                 u = (up @ down).abs_()
                 t = float(torch.topk(u.flatten(), min(k, u.numel())).values[-1])
                 un, dn = up.double().norm(dim=1), down.double().norm(dim=0)
@@ -223,7 +168,7 @@ def pruning(pairs: dict[str, tuple[Factors, Factors]]) -> None:
                 chunk_bound = un[:m].view(-1, 16).amax(1)[:, None] * dn[None, :] * (1 + 1e-5)
                 chunks += int((chunk_bound < t).sum())
                 total_rows, total_chunks = total_rows + un.shape[0], total_chunks + chunk_bound.numel()
-            print(f"  pair {name}, {side} (rank {next(iter(f.values()))[0].shape[1]}, K = {k}): "
+            print(f"  pair {name}, {side} (rank {f[0][0].shape[1]}, K = {k}): "
                   f"{rows / total_rows:.1%} of rows, {chunks / total_chunks:.1%} of 16-row chunks prunable")
 
 
@@ -242,7 +187,7 @@ def pairs(path):
     t = load_file(path)
     for key in t:
         if key.endswith(".lora_down.weight"):
-            yield t[key.replace("lora_down", "lora_up")].float(), t[key].float()
+            yield t[key.replace("lora_down", "lora_up")].flatten(1).float(), t[key].flatten(1).float()
 def rank(path):
     return next(d.shape[0] for _, d in pairs(path))
 paths = sys.argv[1:3]
@@ -262,68 +207,75 @@ for p in paths:
         a = (up @ down).abs_()
         torch.topk(a.flatten(), min(K, a.numel())).values, float(a.sum(dtype=torch.float64))
 """,
-    "ours (+ sha256 of both files)": _PRELUDE + """
-import hashlib, mmap
-from safetensors import safe_open
+    "kernel: import, read, klora.topk": _PRELUDE + _LOAD + """
 from klora.topk import Workspace, abs_stats
-paths = sys.argv[1:3]
-def sha256(path):
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        return hashlib.sha256(m).hexdigest()
-def pairs(path):
-    with safe_open(path, "pt") as f:
-        keys = list(f.keys())
-        for key in keys:
-            if key.endswith(".lora_down.weight"):
-                yield f.get_tensor(key.replace("lora_down", "lora_up")), f.get_tensor(key)
-digests = [sha256(p) for p in paths] if os.environ.get("BENCH_HASH", "1") == "1" else []
-ranks = [next(d.shape[0] for _, d in pairs(p)) for p in paths]
-K = ranks[0] * ranks[1]
 for p in paths:
     ws = Workspace()
     stats = [abs_stats(up, down, K, ws) for up, down in pairs(p)]
 """,
 }
+INSPECT = ["-m", "klora", "inspect", "--threads", "1"]
+#: Runs a child's ``-c CODE`` or ``-m MODULE`` and writes its peak resident memory (``VmHWM``, this
+#: process image only: ``ru_maxrss`` of a child would include the parent's size at the fork) to a pipe.
+_PEAK = """
+import atexit, os, runpy, sys
+def peak():
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    os.write(int(os.environ["BENCH_PEAK_FD"]), str(kib).encode())
+atexit.register(peak)
+flag, target, *rest = sys.argv[1:]
+if flag == "-m":
+    sys.argv = [target, *rest]
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    sys.argv = ["-c", *rest]
+    exec(compile(target, "<child>", "exec"), {"__name__": "__main__"})
+"""
 
 
-def run_child(code: str | None, args: list[str], env: dict[str, str], cwd: Path) -> float:
-    """User + sys CPU seconds of one child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cmd = [sys.executable, *(["-m", "klora", "inspect"] if code is None else ["-c", code]), *args]
-    subprocess.run(cmd, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+def run_child(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """User + sys CPU seconds and peak resident MiB of one child process."""
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", _PEAK, *argv], env=dict(env, BENCH_PEAK_FD=str(write_end)),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, pass_fds=(write_end,))
+    os.close(write_end)
+    _, status, usage = os.wait4(proc.pid, 0)
+    with os.fdopen(read_end, "rb") as f:
+        peak_kib = int(f.read() or 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"child failed ({proc.returncode}): {argv[:3]}")
+    return usage.ru_utime + usage.ru_stime, peak_kib / 1024
 
 
-def whole_process(pairs: dict[str, tuple[Factors, Factors]], reps: int, threads: int) -> None:
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               BENCH_THREADS=str(threads))
+def whole_process(names: list[str], folder: Path, reps: int, threads: int) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               BENCH_THREADS=str(threads), KLORA_CACHE_DIR=str(folder / "cache"))
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    print(f"\nWhole process: user + sys CPU seconds per child (median of {reps}; runs interleaved), "
-          f"{threads or 'default'} thread(s)")
-    with tempfile.TemporaryDirectory(prefix="bench_topk_") as tmp:
-        for name, (fc, fs) in pairs.items():
-            paths = [Path(tmp) / f"{name}_content.safetensors", Path(tmp) / f"{name}_style.safetensors"]
-            write_lora(paths[0], fc, alpha=16.0)
-            write_lora(paths[1], fs, alpha=16.0)
-            size = sum(p.stat().st_size for p in paths) / 2**20
-            runs: dict[str, tuple[str | None, dict[str, str]]] = {
-                label: (code, env) for label, code in CHILDREN.items()}
-            runs["ours (no hashing)"] = (CHILDREN["ours (+ sha256 of both files)"], dict(env, BENCH_HASH="0"))
-            runs["current: python -m klora inspect"] = (None, env)
-            times: dict[str, list[float]] = {label: [] for label in runs}
-            for _ in range(reps):
-                for label, (code, e) in runs.items():
-                    times[label].append(run_child(code, [str(p) for p in paths], e, root))
-            med = {label: statistics.median(ts) for label, ts in times.items()}
-            floor = med["floor: import, read, products"]
-            print(f"  pair {name} ({size:.0f} MiB of files):")
-            for label, ts in times.items():
-                runs_text = ", ".join(f"{x:.2f}" for x in ts)
-                print(f"    {label:<34} {med[label]:7.2f} s  ({med[label] / floor:4.2f}× floor, "
-                      f"naive / this {med['naive'] / med[label]:5.2f}×)  [{runs_text}]")
+    print(f"\nWhole process: user + sys CPU seconds and peak RSS per child (median of {reps}; runs "
+          f"interleaved), {threads or 'default'} thread(s)")
+    for name in names:
+        paths = [str(folder / f"{name}_{side}.safetensors") for side in ("content", "style")]
+        size = sum(os.path.getsize(p) for p in paths) / 2**20
+        runs = {label: ["-c", code, *paths] for label, code in CHILDREN.items()}
+        runs["klora inspect --no-cache (cold)"] = [*INSPECT, "--no-cache", *paths]
+        runs["klora inspect (warm disk cache)"] = [*INSPECT, *paths]
+        run_child(runs["klora inspect (warm disk cache)"], env)  # writes the cache
+        times: dict[str, list[tuple[float, float]]] = {label: [] for label in runs}
+        for _ in range(reps):
+            for label, argv in runs.items():
+                times[label].append(run_child(argv, env))
+        med = {label: statistics.median(t for t, _ in ts) for label, ts in times.items()}
+        rss = {label: max(m for _, m in ts) for label, ts in times.items()}
+        base, floor = med["import torch"], med["floor: import, read, products"]
+        print(f"  pair {pair_name(name)} ({size:.0f} MiB of files):")
+        for label, ts in times.items():
+            runs_text = ", ".join(f"{t:.2f}" for t, _ in ts)
+            print(f"    {label:<34} {med[label]:7.2f} s  (+{med[label] - base:5.2f} over import torch; "
+                  f"{med[label] / floor:4.2f}× floor; naive / this {med['naive'] / med[label]:5.2f}×)  "
+                  f"peak {rss[label]:6.0f} MiB  [{runs_text}]")
 
 
 def main() -> None:
@@ -333,32 +285,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--no-process", action="store_true", help="skip the whole-process comparison")
     ap.add_argument("--no-in-process", action="store_true", help="skip the in-process comparison")
-    ap.add_argument("--pairs", default="r32,r8", help="comma-separated: r32 (r32 x r32), r8 (r8 x r32)")
-    ap.add_argument("--check-shapes", action="store_true", help="check the shape table against diffusers")
+    ap.add_argument("--pairs", default="r32,r8", help=f"comma-separated, of {', '.join(PAIRS)}")
     ap.add_argument("--pruning", action="store_true", help="measure what a Cauchy–Schwarz bound could prune")
     args = ap.parse_args()
+    names = args.pairs.split(",")
+    if unknown := [n for n in names if n not in PAIRS]:
+        raise SystemExit(f"unknown pair(s) {', '.join(unknown)}; known: {', '.join(PAIRS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.check_shapes:
-        check_shapes()
-    shapes = sdxl_attention_shapes()
-    numel = sum(o * i for o, i in shapes.values())
-    print(f"SDXL attention projections: {len(shapes)} layers, {numel / 1e6:.0f} M product entries per file")
-    style = make_factors(shapes, 32, seed=2)
-    pairs: dict[str, tuple[Factors, Factors]] = {}
-    for name in args.pairs.split(","):
-        if name == "r32":
-            pairs["r32 x r32"] = (make_factors(shapes, 32, seed=1), style)
-        elif name == "r8":
-            pairs["r8 x r32"] = (make_factors(shapes, 8, seed=1), style)
-        else:
-            raise SystemExit(f"unknown pair {name!r}")
-    if args.pruning:
-        pruning(pairs)
-    if not args.no_in_process:
-        in_process(pairs, args.reps)
-    if not args.no_process:
-        whole_process(pairs, args.process_reps, args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench_topk_") as tmp:
+        folder = Path(tmp)
+        for name in names:
+            write_pair(name, folder)
+        if args.pruning or not args.no_in_process:
+            pairs = {pair_name(n): (read_factors(folder / f"{n}_content.safetensors"),
+                                    read_factors(folder / f"{n}_style.safetensors")) for n in names}
+            if args.pruning:
+                pruning(pairs)
+            if not args.no_in_process:
+                in_process(pairs, args.reps)
+            del pairs
+        if not args.no_process:
+            whole_process(names, folder, args.process_reps, args.threads)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int("seed"), default=0, help="seed of mode random (default 0)")
     p.add_argument("--threads", type=_threads, default=0, metavar="N",
                    help="CPU threads for scoring (default: torch's); on a busy machine 1 is often fastest")
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="where the products are formed: cpu (default), cuda, cuda:1, mps…")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the score tables kept on disk ($KLORA_CACHE_DIR, else klora/ "
+                   "in the user's cache folder) so that a second run does not score the same files again")
     p.add_argument("--json", metavar="PATH|-", default=None, help="write the plan as JSON ('-': stdout)")
     p.add_argument("--png", metavar="PATH", default=None, help="write the selection map as PNG")
     p.add_argument("--title", default=None, help="title line of the PNG (default: the two file names)")
@@ -246,6 +251,16 @@ def inspect(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # an unknown name, or a device this torch cannot use
+        raise CliError(f"cannot use device {args.device!r}: {_one_line(e)}") from None
+    if not args.no_cache:
+        from klora.diskcache import default_cache_dir
+        from klora.scores import set_disk_cache
+
+        set_disk_cache(default_cache_dir())
     content = read_lora(args.content)
     style = read_lora(args.style)
     fusion_options = FusionOptions(**{o.name: getattr(args, o.name) for o in options.engine_options()},
@@ -254,7 +269,7 @@ def inspect(args: argparse.Namespace) -> int:
     if content.sha256 == style.sha256:
         _write_text(sys.stderr, f"{PROG} inspect: warning: {args.content} and {args.style} are the same "
                                 "file, so every layer gets that LoRA whichever side is chosen\n")
-    plan = make_plan(content, style, fusion_options)
+    plan = make_plan(content, style, fusion_options, device)
 
     out = sys.stderr if args.json == "-" else sys.stdout
     notes = []

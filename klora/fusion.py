@@ -22,6 +22,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from klora.keys import is_text_encoder
 from klora.layers import LoraFile
 from klora.options import PATTERNS, FusionOptions
@@ -190,7 +192,8 @@ def _te_choice(policy: str, has_content: bool, has_style: bool) -> Choice:
     return "both" if c and s else "content" if c else "style" if s else "none"
 
 
-def make_plan(content: LoraFile, style: LoraFile, options: FusionOptions | None = None) -> Plan:
+def make_plan(content: LoraFile, style: LoraFile, options: FusionOptions | None = None,
+              device: torch.device | str | None = None) -> Plan:
     """The plan for a content and a style LoRA.
 
     Layer order: the content file's layers, then those only the style file has. Denoiser layers one file
@@ -202,7 +205,7 @@ def make_plan(content: LoraFile, style: LoraFile, options: FusionOptions | None 
     """
     options = options or FusionOptions()
     scores = pair_scores(content, style, options.content_strength, options.style_strength, options.scope,
-                         options.k)
+                         options.k, device)
     g, method, note = _gamma(scores, options.gamma)
     layers: dict[str, LayerPlan] = {}
     for key in list(content.layers) + [k for k in style.layers if k not in content.layers]:

@@ -1,31 +1,35 @@
 """Top-K scores of a LoRA pair: for each layer both patch, K, Σ Top-K |ΔW| and Σ |ΔW| of each side.
 
 * ``ΔW = strength · scale · U``, ``U`` the kind's unscaled product (:mod:`klora.delta`);
-* ``K = r_c · r_s`` clamped to the number of entries (:func:`layer_rank` for kinds without a rank);
+* ``K = r_c · r_s`` clamped to the number of entries (:func:`layer_rank` for kinds without a rank), or the
+  ``k`` the user gave;
 * ``S = Σ Top-K |ΔW|`` and ``L1 = Σ |ΔW|`` for each side.
 
 Only ``|U|``'s statistics depend on the file, so they are computed once per file and layer and reused by
-every pairing and strength: the L1 and the K largest values of ``|U|`` (sorted). Rounding is monotone, so
-``fl32(|U|·c)`` over the Top-K of ``|U|`` is the Top-K of ``|U·c|``: the scores equal, bit for bit, those of
-the dense ``ΔW`` the hosts add (``klora.delta.dense_delta``), at any strength, for every kind. Caches: per
-file (an LRU keyed by the file's sha256) and per pair (keyed by both files' sha256, the strengths and the
-scope); :func:`set_cache_size` and :func:`clear_cache` control both.
+every pairing and strength: the L1 and the K largest values of ``|U|`` (:mod:`klora.topk`: one product, a
+few passes over it, exact). Rounding is monotone, so ``fl32(|U|·c)`` over the Top-K of ``|U|`` is the Top-K
+of ``|U·c|``: the scores equal, bit for bit, those of the dense ``ΔW`` the hosts add
+(``klora.delta.dense_delta``) on the same device, at any strength, for every kind.
 
-Speed: the product is formed once per file and layer in float32 (a matmul), then three passes over it (abs,
-row sums for L1, chunk maxima) and ``topk`` over a few thousand candidates give the exact Top-K values
-(:func:`top_abs_values`); no full ``topk`` over millions of entries, and no dense ΔW is kept.
+Where the statistics live: in memory per file (an LRU keyed by the file's sha256 and the device type), on
+disk per file when a folder is set (:func:`set_disk_cache`: the webui's cache folder, the user's for the
+CLI; keyed by the sha256, :data:`klora.topk.ENGINE_VERSION`, torch's version and the device type, since
+products round differently elsewhere), and per pair (an LRU keyed by both files, the strengths, the scope
+and K). A restart or a second CLI run therefore reads the tables instead of forming the products again.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
-from klora import kinds
+from klora import kinds, topk
 from klora.cache import LRU
+from klora.diskcache import DEFAULT_MAX_BYTES, LayerStats, StatsCache
 from klora.keys import is_attention, is_text_encoder
 from klora.layers import LoraFile, LoraLayer
 
@@ -37,83 +41,8 @@ __all__ = [
     "layer_rank",
     "pair_scores",
     "set_cache_size",
-    "top_abs_values",
+    "set_disk_cache",
 ]
-
-# ------------------------------------------------------------------------------------------- Top-K values
-
-#: Below this many entries a plain ``torch.topk`` is cheapest.
-_DIRECT_TOPK = 16384
-#: Rows folded into one chunk per level of :func:`_top`.
-_FOLD = 16
-
-
-def _fold_max(a: torch.Tensor, h: int) -> torch.Tensor:
-    """Column-wise maxima of consecutive ``h``-row groups: (R, C) → (ceil(R/h), C); the last group may
-    be shorter."""
-    rows, cols = a.shape
-    full = rows // h
-    out = a[: full * h].view(full, h, cols).amax(1)
-    if full * h == rows:
-        return out
-    return torch.cat([out, a[full * h:].amax(0, keepdim=True)])
-
-
-def _top(a: torch.Tensor, k: int, want_index: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The ``k`` largest values of a 2-D tensor ``a`` (descending) and, if asked, their flat indices.
-
-    Exact selection in three steps (recursively):
-
-    1. chunk maxima: every ``_FOLD`` consecutive rows of one column form a chunk; ``m`` = its maximum;
-    2. the ``k`` chunks with the largest maxima (found by the same procedure on the table of maxima);
-    3. ``topk`` over the entries of those ``k`` chunks only (``k × _FOLD`` values).
-
-    Why step 3 sees every value of the true Top-K: let ``t`` be the ``k``-th largest chunk maximum. The
-    ``k`` chosen chunks each hold an entry ≥ ``t``, so at least ``k`` entries are ≥ ``t`` and the
-    ``k``-th largest entry of ``a`` is ≥ ``t``. An entry above ``t`` lies in a chunk whose maximum is above
-    ``t``; all such chunks are among the chosen (``topk`` keeps every value above its ``k``-th). Entries
-    equal to ``t`` are interchangeable. So the chosen chunks contain the whole Top-K multiset, and the
-    result equals ``torch.topk(a.flatten(), k).values`` element for element.
-    """
-    rows, cols = a.shape
-    n = rows * cols
-    h = _FOLD
-    if n <= _DIRECT_TOPK or rows < 2 * h or -(-rows // h) * cols < k:
-        v, i = torch.topk(a.reshape(-1), k)
-        return v, (i if want_index else None)
-    maxima = _fold_max(a, h)
-    _, chunk = _top(maxima, k, True)
-    assert chunk is not None
-    # flat indices of the entries of each chosen chunk: rows group·h … group·h + h - 1 of one column
-    first = (chunk // cols) * (h * cols) + chunk % cols
-    flat = first.unsqueeze(1) + torch.arange(0, h * cols, cols, device=a.device)  # (k, h)
-    if rows % h:
-        outside = flat >= n  # the short last group
-        vals = a.reshape(-1)[flat.clamp_max(n - 1)].masked_fill_(outside, -1.0)  # never in a Top-K of |ΔW|
-    else:
-        vals = a.reshape(-1)[flat]
-    v, j = torch.topk(vals.reshape(-1), k)
-    return v, (flat.reshape(-1)[j] if want_index else None)
-
-
-def top_abs_values(abs_delta: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` largest entries of a non-negative tensor (|ΔW|), float32, descending.
-
-    Equal, element for element, to ``torch.topk(abs_delta.flatten(), min(k, numel)).values``; the work is
-    one pass over the entries (the chunk maxima) plus ``topk`` over a few thousand values.
-    """
-    a = abs_delta.reshape(abs_delta.shape[0], -1) if abs_delta.dim() > 1 else abs_delta.reshape(1, -1)
-    k = min(int(k), a.numel())
-    if k <= 0:
-        return a.new_empty(0)
-    if k == a.numel():
-        return a.reshape(-1).sort(descending=True).values
-    if a.shape[0] < 2 * _FOLD < a.shape[1]:  # short and wide: fold the long side instead
-        a = a.t().contiguous()
-    return _top(a, k, False)[0]
-
-
-# ----------------------------------------------------------------------------------------- layer scores
 
 
 def layer_rank(layer: LoraLayer) -> int:
@@ -126,50 +55,76 @@ def layer_rank(layer: LoraLayer) -> int:
     return int(min(out, inner))
 
 
-@dataclass(frozen=True)
-class _Stats:
-    """Per file and layer, independent of strength: Σ|U| and the largest |U| entries (descending)."""
+def layer_stats(layer: LoraLayer, k: int, device: torch.device | None = None,
+                workspace: topk.Workspace | None = None) -> LayerStats:
+    """Σ|U| and the ``k`` largest |U| (descending, on the CPU) of one layer, computed on ``device``."""
+    kind = kinds.of(layer)
+    pair = kind.factors(layer)
+    if pair is not None:
+        up, down = (t.to(device) if device is not None else t for t in pair)
+        l1, top = topk.abs_stats(up, down, k, workspace)
+        numel = up.shape[0] * down.shape[1]
+    else:
+        u = kind.product(layer)
+        u = u.to(device) if device is not None else u
+        l1, top = topk.dense_abs_stats(u, k, workspace)
+        numel = u.numel()
+    return LayerStats(l1, top.cpu(), numel)
 
-    l1: float
-    top: torch.Tensor
-    numel: int
 
+class _FileTable:
+    """The statistics of one file's layers on one device type, and whether new ones await writing."""
 
-def _unit_abs(layer: LoraLayer) -> torch.Tensor:
-    """|U| as a 2-D float32 tensor of our own (U as :func:`klora.delta.dense_delta` forms it before it
-    multiplies by strength × scale)."""
-    u = kinds.of(layer).product(layer)
-    return u.reshape(u.shape[0], -1).abs_()
+    __slots__ = ("dirty", "stats")
 
-
-def _l1(a: torch.Tensor) -> float:
-    """Σ a for a non-negative 2-D float32 tensor: each row summed in float32 (torch's cascade summation,
-    relative error ≲ 1e-7 even for rows of thousands of entries), the row sums in float64. Converting every
-    entry to float64 costs four to five times as much and only moves γ in the 8th digit."""
-    return float(a.sum(1).sum(dtype=torch.float64))
+    def __init__(self, stats: dict[str, LayerStats]) -> None:
+        self.stats = stats
+        self.dirty: set[str] = set()
 
 
 _DEFAULT_PAIRS = 8
 _pair_cache: LRU[PairScores] = LRU(_DEFAULT_PAIRS)
-_file_cache: LRU[dict[tuple, _Stats]] = LRU(2 * _DEFAULT_PAIRS)
+_file_cache: LRU[_FileTable] = LRU(2 * _DEFAULT_PAIRS)
+_disk: dict[str, StatsCache] = {}  # device type → the disk store ({} : no disk cache)
+_disk_folder: list[tuple[Path, int]] = []
 
 
 def set_cache_size(pairs: int) -> None:
-    """Keep the scores of up to ``pairs`` LoRA pairs (and per-file statistics of twice as many files);
-    0 disables caching."""
+    """Keep the scores of up to ``pairs`` LoRA pairs (and per-file statistics of twice as many files) in
+    memory; 0 disables the memory caches."""
     pairs = max(int(pairs), 0)
     _pair_cache.resize(pairs)
     _file_cache.resize(2 * pairs)
 
 
+def set_disk_cache(folder: str | Path | None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    """Keep per-file statistics in ``folder`` (bounded to ``max_bytes``, least recently used entries
+    dropped), or on no disk (None)."""
+    _disk.clear()
+    _disk_folder.clear()
+    if folder is not None and max_bytes > 0:
+        _disk_folder.append((Path(folder), int(max_bytes)))
+
+
+def _disk_store(device_type: str) -> StatsCache | None:
+    if not _disk_folder:
+        return None
+    store = _disk.get(device_type)
+    if store is None:
+        folder, max_bytes = _disk_folder[0]
+        version = f"{topk.ENGINE_VERSION}|torch {torch.__version__}|{device_type}"
+        store = _disk[device_type] = StatsCache(folder, version, max_bytes)
+    return store
+
+
 def clear_cache() -> None:
-    """Forget every cached score."""
+    """Forget every score held in memory (the disk cache stays)."""
     _pair_cache.clear()
     _file_cache.clear()
 
 
 def cache_info() -> dict[str, int]:
-    """Sizes, entries, hits and misses of both caches (for diagnostics and tests)."""
+    """Sizes, entries, hits and misses of the memory caches (for diagnostics and tests)."""
     return {
         "pairs": len(_pair_cache), "pair_size": _pair_cache.size, "pair_hits": _pair_cache.hits,
         "pair_misses": _pair_cache.misses, "files": len(_file_cache), "file_size": _file_cache.size,
@@ -177,22 +132,39 @@ def cache_info() -> dict[str, int]:
     }
 
 
-def _file_stats(file: LoraFile) -> dict[tuple, _Stats]:
-    """The per-layer statistics table of a file (shared by all its pairings), or a throwaway one."""
+def _file_table(file: LoraFile, device_type: str) -> _FileTable:
+    """The statistics table of a file (shared by all its pairings; read from disk on first use), or a
+    throwaway one for a file without a hash."""
     if not file.sha256:
-        return {}
-    return _file_cache.setdefault(file.sha256, dict)
+        return _FileTable({})
+
+    def load() -> _FileTable:
+        store = _disk_store(device_type)
+        return _FileTable(store.get(file.sha256) if store is not None else {})
+
+    return _file_cache.setdefault((file.sha256, device_type), load)
 
 
-def _layer_stats(table: dict[tuple, _Stats], layer: LoraLayer, k: int) -> _Stats:
+def _stats_key(layer: LoraLayer) -> str:
+    return f"{layer.key}|{layer.kind}|{'x'.join(map(str, layer.shape))}|{layer.rank}"
+
+
+def _layer_stats(table: _FileTable, layer: LoraLayer, k: int, device: torch.device | None,
+                 workspace: topk.Workspace) -> LayerStats:
     """Statistics of ``layer`` with at least ``k`` Top values (computed again if the table has fewer)."""
-    key = (layer.key, layer.kind, tuple(layer.shape), layer.rank)
-    stats = table.get(key)
+    key = _stats_key(layer)
+    stats = table.stats.get(key)
     if stats is None or (stats.top.numel() < k and stats.top.numel() < stats.numel):
-        a = _unit_abs(layer)
-        stats = _Stats(l1=_l1(a), top=top_abs_values(a, k), numel=a.numel())
-        table[key] = stats
+        stats = table.stats[key] = layer_stats(layer, k, device, workspace)
+        table.dirty.add(key)
     return stats
+
+
+def _save(file: LoraFile, table: _FileTable, device_type: str) -> None:
+    store = _disk_store(device_type)
+    if store is not None and table.dirty and file.sha256:
+        store.put(file.sha256, {key: table.stats[key] for key in table.dirty})
+    table.dirty.clear()
 
 
 @dataclass(frozen=True)
@@ -213,8 +185,7 @@ class PairScores:
     layers: dict[str, LayerScore]
 
 
-def _side(table: dict[tuple, _Stats], layer: LoraLayer, strength: float, k: int) -> tuple[float, float]:
-    stats = _layer_stats(table, layer, k)
+def _side(stats: LayerStats, layer: LoraLayer, strength: float, k: int) -> tuple[float, float]:
     c = abs(float(strength) * layer.scale)
     top = stats.top[:k]
     score = float((top if c == 1.0 else top * c).sum(dtype=torch.float64))
@@ -229,15 +200,19 @@ def scored_keys(content: LoraFile, style: LoraFile, scope: Literal["all", "atten
 
 def pair_scores(content: LoraFile, style: LoraFile, content_strength: float = 1.0,
                 style_strength: float = 1.0, scope: Literal["all", "attention"] = "all",
-                k: int | None = None) -> PairScores:
+                k: int | None = None, device: torch.device | str | None = None) -> PairScores:
     """Scores of the layers K-LoRA decides (:func:`scored_keys`); cached. ``k``: the number of entries summed
-    (None: r_c·r_s per layer, the paper's K), clamped to each layer's size. A layer whose two deltas do not
-    fit each other (:func:`klora.layers.layout`) raises ``ValueError``: the files are for different models."""
-    cache_key = (content.sha256, style.sha256, float(content_strength), float(style_strength), scope, k)
+    (None: r_c·r_s per layer, the paper's K), clamped to each layer's size. ``device``: where the products
+    are formed (a GPU when there is one; default the CPU). A layer whose two deltas do not fit each other
+    (:func:`klora.layers.layout`) raises ``ValueError``: the files are for different models."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    cache_key = (content.sha256, style.sha256, float(content_strength), float(style_strength), scope, k,
+                 dev.type)
     cacheable = bool(content.sha256 and style.sha256)
     if cacheable and (hit := _pair_cache.get(cache_key)) is not None:
         return hit
-    table_c, table_s = _file_stats(content), _file_stats(style)
+    table_c, table_s = _file_table(content, dev.type), _file_table(style, dev.type)
+    workspace = topk.Workspace()
     out: dict[str, LayerScore] = {}
     for key in scored_keys(content, style, scope):
         lc, ls = content.layers[key], style.layers[key]
@@ -245,9 +220,11 @@ def pair_scores(content: LoraFile, style: LoraFile, content_strength: float = 1.
             raise ValueError(f"{key}: the content LoRA's delta has shape {tuple(lc.shape)} but the style "
                              f"LoRA's has {tuple(ls.shape)}; are they for the same base model?")
         n = min(layer_rank(lc) * layer_rank(ls) if k is None else k, math.prod(lc.shape))
-        sc, l1c = _side(table_c, lc, content_strength, n)
-        ss, l1s = _side(table_s, ls, style_strength, n)
+        sc, l1c = _side(_layer_stats(table_c, lc, n, dev, workspace), lc, content_strength, n)
+        ss, l1s = _side(_layer_stats(table_s, ls, n, dev, workspace), ls, style_strength, n)
         out[key] = LayerScore(n, sc, ss, l1c, l1s)
+    _save(content, table_c, dev.type)
+    _save(style, table_s, dev.type)
     scores = PairScores(out)
     if cacheable:
         _pair_cache.put(cache_key, scores)

@@ -213,6 +213,9 @@ class Session:
         write_lora(lora_dir / "cat.safetensors", self.model, "content", 13, sdxl=sdxl)
         write_lora(lora_dir / "ink.safetensors", self.model, "style", 14, sdxl=sdxl)
         w.shared.cmd_opts.lora_dir = str(lora_dir)
+        import modules.cache  # the webui's cache folder (the score tables go there): the test's own
+
+        modules.cache.cache_dir = str(tmp / "webui-cache")
         w.networks.list_available_networks()
         scores.clear_cache()
         w.loras._files.clear()
@@ -288,6 +291,7 @@ def sd15(webui, tmp_path):
     s = Session(webui, tmp_path)
     yield s
     webui.ext.on_script_unloaded()
+    scores.set_disk_cache(None)
 
 
 @pytest.fixture
@@ -295,6 +299,7 @@ def sdxl(webui, tmp_path):
     s = Session(webui, tmp_path, sdxl=True)
     yield s
     webui.ext.on_script_unloaded()
+    scores.set_disk_cache(None)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1142,18 +1147,18 @@ def test_api_args_are_checked_against_the_lora_list(sd15):
 
 def test_scores_are_cached_across_generations(sd15, monkeypatch):
     counted = {"scored": 0, "reads": 0}
-    real_unit_abs = scores._unit_abs  # forms |ΔW| of one layer: the expensive part of scoring
+    real_layer_stats = scores.layer_stats  # forms |ΔW| of one layer: the expensive part of scoring
     real_read = sd15.w.loras.read_lora
 
-    def counting_unit_abs(*a: Any, **k: Any) -> Any:
+    def counting_layer_stats(*a: Any, **k: Any) -> Any:
         counted["scored"] += 1
-        return real_unit_abs(*a, **k)
+        return real_layer_stats(*a, **k)
 
     def counting_read(*a: Any, **k: Any) -> Any:
         counted["reads"] += 1
         return real_read(*a, **k)
 
-    monkeypatch.setattr(scores, "_unit_abs", counting_unit_abs)
+    monkeypatch.setattr(scores, "layer_stats", counting_layer_stats)
     monkeypatch.setattr(sd15.w.loras, "read_lora", counting_read)
     panel = sd15.panel(enabled=True, content="dog", style="watercolor")
     sd15.generate(sd15.txt2img(panel=panel))
@@ -1255,6 +1260,16 @@ def test_settings_and_names(sd15):
     opts.klora_cache_size = 3
     sd15.w.extension.apply_cache_size()
     assert scores.cache_info()["pair_size"] == 3
+    # the score tables go to the webui's cache folder (modules/cache.py cache_dir), bounded by the setting
+    sd15.w.extension.apply_cache_size()
+    assert opts.klora_disk_cache_mb == 256 and scores._disk_folder == [(sd15.tmp / "webui-cache" / "klora",
+                                                                         256 * 2**20)]
+    p = sd15.txt2img(panel=sd15.panel(enabled=True, content="dog", style="watercolor"))
+    sd15.generate(p)
+    assert len(list((sd15.tmp / "webui-cache" / "klora").glob("*.safetensors"))) == 2
+    opts.klora_disk_cache_mb = 0
+    sd15.w.extension.apply_cache_size()
+    assert scores._disk_folder == []
     opts.klora_default_pattern = "s*"
     assert sd15.w.extension.panel_defaults().pattern == "s*"
     assert sd15.w.loras.lora_names() == ["cat", "dog", "ink", "watercolor"]

@@ -323,3 +323,42 @@ def test_through_a_real_shell(pair, tmp_path: Path) -> None:
     same = subprocess.run(f"{sys.executable} -m klora inspect {pair[0]} {pair[0]} --steps 4", shell=True,
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert same.returncode == 0 and "same file" in same.stderr
+
+
+def test_a_second_run_reads_the_scores_from_the_disk_cache(pair, tmp_path: Path, monkeypatch) -> None:
+    """The first run writes one table per file into $KLORA_CACHE_DIR; a second process reads them instead of
+    forming the products (a fresh subprocess: nothing in memory) and prints the same plan; --no-cache
+    neither reads nor writes."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "KLORA_CACHE_DIR": str(cache)}
+    env.pop("KLORA_DEBUG", None)
+
+    def run(*extra: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "klora", "inspect", *pair, "--json", "-", *extra],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    first = run()
+    entries = sorted(cache.glob("*.safetensors"))
+    assert len(entries) == 2
+    stamps = [e.stat().st_mtime_ns for e in entries]
+    probe = ("import sys, runpy; import klora.scores as s; "
+             "s.layer_stats = lambda *a, **k: sys.exit('a product was formed'); "
+             f"sys.argv = ['klora', 'inspect', {pair[0]!r}, {pair[1]!r}, '--json', '-']; "
+             "runpy.run_module('klora', run_name='__main__')")
+    second = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout) == json.loads(first)
+    assert [e.stat().st_mtime_ns for e in entries] >= stamps
+    for entry in entries:
+        entry.unlink()
+    assert json.loads(run("--no-cache")) == json.loads(first) and not list(cache.glob("*.safetensors"))
+
+
+def test_unknown_device_is_one_line(pair, capsys) -> None:
+    assert main(["inspect", *pair, "--device", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot use device 'nonsense'" in err and len(err.strip().splitlines()) == 1

@@ -14,7 +14,7 @@ from klora.fusion import Plan, make_plan
 from klora.keys import is_attention
 from klora.layers import LoraFile, LoraLayer
 from klora.options import FusionOptions
-from klora.scores import layer_rank, pair_scores, top_abs_values
+from klora.scores import layer_rank, pair_scores
 
 Q = "unet/down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
 K2 = "unet/down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
@@ -78,65 +78,8 @@ def s_of(plan: Plan, tau: float) -> float:
     return math.fmod(s, a) % a if plan.options.pattern == "s*" else s
 
 
-# ------------------------------------------------------------------------------------ exact Top-K values
-
-
-def _matrices(g: torch.Generator):
-    yield torch.randn(37, 53, generator=g).abs()
-    yield torch.randn(200, 96, generator=g).abs()  # rows not a multiple of the fold
-    yield torch.randint(0, 3, (160, 64), generator=g).float()  # heavy ties
-    yield torch.zeros(96, 40)  # all-zero delta
-    yield (torch.randn(130, 4, generator=g) @ torch.randn(4, 77, generator=g)).abs()  # low rank
-    yield torch.full((64, 64), 0.25)  # everything tied
-    yield torch.randn(3, 900, generator=g).abs()  # short and wide
-    yield torch.randn(40, 8, 3, 3, generator=g).abs()  # conv (out, in, kh, kw)
-    a = torch.randn(200, 96, generator=g).abs()
-    a[-1, -1] = 100.0  # the largest entry in the short last row group
-    a[-1, 0] = 50.0
-    yield a
-    a = torch.zeros(128, 50)
-    a[5, :] = 1.0  # one dominant row
-    a[:, 7] = 2.0  # one dominant column
-    yield a
-
-
-@pytest.mark.parametrize("direct", [16384, 64])
-def test_top_abs_values_equals_torch_topk(monkeypatch, direct):
-    # direct=64 forces several levels of the chunk recursion on these small tensors.
-    monkeypatch.setattr(scores, "_DIRECT_TOPK", direct)
-    g = torch.Generator().manual_seed(0)
-    for a in _matrices(g):
-        n = a.numel()
-        for k in (1, 5, 16, 100, 257, n - 1, n, n + 3):
-            if k < 1:
-                continue
-            want = torch.topk(a.flatten(), min(k, n)).values
-            got = top_abs_values(a, k)
-            assert torch.equal(got, want), (tuple(a.shape), k)
-            assert float(got.sum(dtype=torch.float64)) == float(want.sum(dtype=torch.float64))
-
-
-def test_top_abs_values_random_shapes(monkeypatch):
-    monkeypatch.setattr(scores, "_DIRECT_TOPK", 256)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(60):
-        r, c = (int(x) for x in torch.randint(1, 120, (2,), generator=g))
-        k = int(torch.randint(1, r * c + 1, (1,), generator=g))
-        a = torch.randn(r, c, generator=g).abs()
-        if _ % 3 == 0:
-            a = a.round()  # ties
-        assert torch.equal(top_abs_values(a, k), torch.topk(a.flatten(), k).values), (r, c, k)
-
-
-def test_top_abs_values_realistic_layer():
-    # A real SDXL shape through the default path (two levels of chunks).
-    g = torch.Generator().manual_seed(2)
-    a = (torch.randn(640, 8, generator=g) @ torch.randn(8, 2048, generator=g)).abs()
-    for k in (64, 256, 1024):
-        assert torch.equal(top_abs_values(a, k), torch.topk(a.flatten(), k).values)
-
-
 # ------------------------------------------------------------------------------------- scores vs naive
+# (the Top-K kernel itself is tested against torch.topk in tests/test_topk.py)
 
 
 def _pairs():
@@ -166,12 +109,13 @@ def test_scores_equal_naive(strengths):
         assert got.l1_style == pytest.approx(l1s, rel=1e-6, abs=0), i
 
 
-def test_unit_product_matches_dense_delta_bitwise():
-    for layer in (lora(Q, (48, 40), 4, 3.0, 1), lora(CONV, (16, 8, 3, 3), 4, 1.5, 2)):
-        a, u = scores._unit_abs(layer), layer.scale
+def test_layer_stats_scaled_are_the_dense_delta_top_k_bitwise():
+    for layer in (lora(Q, (48, 40), 4, 3.0, 1), lora(CONV, (16, 8, 3, 3), 4, 1.5, 2),
+                  lora(CONV, (16, 8, 3, 3), 4, 1.5, 3, mid=True)):
+        stats = scores.layer_stats(layer, 50)
         for s in (1.0, 0.35, -1.7):
-            want = dense_delta(layer, s).abs().reshape(a.shape)
-            assert torch.equal(a * abs(s * u), want)
+            want = torch.topk(dense_delta(layer, s).abs().flatten(), 50).values
+            assert torch.equal(stats.top * abs(s * layer.scale), want)
 
 
 def test_other_kinds_equal_naive():
@@ -450,8 +394,8 @@ def test_shape_mismatch_and_bad_options():
 
 def test_pair_and_file_caches(monkeypatch):
     calls = []
-    real = scores._unit_abs
-    monkeypatch.setattr(scores, "_unit_abs", lambda layer: calls.append(layer.key) or real(layer))
+    real = scores.layer_stats
+    monkeypatch.setattr(scores, "layer_stats", lambda layer, *a: calls.append(layer.key) or real(layer, *a))
     c = lfile([lora(Q, (24, 24), 4, 2.0, 1), lora(K2, (24, 32), 4, 2.0, 2)], "a" * 64, "c")
     s = lfile([lora(Q, (24, 24), 8, 8.0, 3), lora(K2, (24, 32), 8, 8.0, 4)], "b" * 64, "s")
     s2 = lfile([lora(Q, (24, 24), 8, 4.0, 5), lora(K2, (24, 32), 8, 4.0, 6)], "d" * 64, "s2")
@@ -579,3 +523,34 @@ def test_k_override_sums_that_many_entries_and_is_clamped():
     with pytest.raises(ValueError, match="≥ 1"):
         FusionOptions(k=-2)
     assert FusionOptions(k=0).k is None  # 0: the default (what an empty gradio number box sends)
+
+
+def test_disk_cache_spares_a_restart_the_products(tmp_path, monkeypatch):
+    """A second process (memory caches empty) reads the per-file tables from the disk cache and scores
+    the pair without forming a product; a corrupt entry is ignored and rewritten."""
+    calls = []
+    real = scores.layer_stats
+    monkeypatch.setattr(scores, "layer_stats", lambda layer, *a: calls.append(layer.key) or real(layer, *a))
+    c = lfile([lora(Q, (24, 24), 4, 2.0, 1), lora(K2, (24, 32), 4, 2.0, 2)], "a" * 64, "c")
+    s = lfile([lora(Q, (24, 24), 8, 8.0, 3), lora(K2, (24, 32), 8, 8.0, 4)], "b" * 64, "s")
+    scores.set_disk_cache(tmp_path / "klora")
+    try:
+        first = make_plan(c, s)
+        assert len(calls) == 4 and len(list((tmp_path / "klora").glob("*.safetensors"))) == 2
+        scores.clear_cache()  # a restart: nothing in memory
+        again = make_plan(c, s, FusionOptions(content_strength=0.7))
+        assert len(calls) == 4  # every table came from the disk
+        assert again.layers[Q].score_style == first.layers[Q].score_style
+        for entry in (tmp_path / "klora").glob("*.safetensors"):
+            entry.write_bytes(entry.read_bytes()[:-7])  # truncated by a crash
+        scores.clear_cache()
+        third = make_plan(c, s)
+        assert len(calls) == 8  # the broken entries are misses: scored again, identically
+        assert [lp.score_content for lp in third.layers.values()] == \
+            [lp.score_content for lp in first.layers.values()]
+        scores.clear_cache()
+        make_plan(c, s)
+        assert len(calls) == 8  # and were rewritten
+    finally:
+        scores.set_disk_cache(None)
+        scores.clear_cache()

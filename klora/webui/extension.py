@@ -6,6 +6,7 @@ the tag's extra network, the Analyze button, the settings and the panel. ``scrip
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,6 +23,7 @@ from klora.webui.session import TAG_ATTR, Session, session_of
 log = logging.getLogger("klora")
 
 SETTINGS_SECTION = ("klora", "K-LoRA")
+DISK_CACHE_MB = 256
 
 
 class ExtraNetworkKLora(extra_networks.ExtraNetwork):
@@ -66,12 +68,27 @@ def selection_map(plan: fusion.Plan, steps: int, args: KLoraArgs) -> Any:
     return viz.render_selection_map(plan, max(1, steps), title=f"K-LoRA: {args.content} × {args.style}")
 
 
+def webui_cache_dir() -> str:
+    """The folder for K-LoRA's score tables: ``klora`` in the webui's cache folder (modules/cache.py
+    ``cache_dir``, ``SD_WEBUI_CACHE_DIR``; before A1111 1.7: ``cache`` in the data folder)."""
+    try:
+        from modules.cache import cache_dir
+    except ImportError:
+        from modules.paths_internal import data_path
+
+        cache_dir = os.path.join(data_path, "cache")
+    return os.path.join(cache_dir, "klora")
+
+
 def apply_cache_size() -> None:
+    """The score caches from the settings: pairs kept in memory, MB of score tables on disk (0: none)."""
     size = getattr(shared.opts, "klora_cache_size", 8)
+    disk_mb = getattr(shared.opts, "klora_disk_cache_mb", DISK_CACHE_MB)
     try:
         scores.set_cache_size(max(0, int(size)))
-    except (TypeError, ValueError):
-        log.warning("K-LoRA: bad score cache size %r", size)
+        scores.set_disk_cache(webui_cache_dir() if float(disk_mb) > 0 else None, int(float(disk_mb) * 2**20))
+    except (TypeError, ValueError, ImportError) as err:
+        log.warning("K-LoRA: bad score cache settings (%r, %r MB): %s", size, disk_mb, err)
 
 
 def panel_defaults() -> KLoraArgs:
@@ -232,6 +249,10 @@ class Extension:
         opts.add_option("klora_cache_size", info(
             8, "LoRA pairs whose scores are kept in memory", gr.Number if gr else None, {"precision": 0},
             onchange=apply_cache_size, section=SETTINGS_SECTION).info("scores are computed once per pair"))
+        opts.add_option("klora_disk_cache_mb", info(
+            DISK_CACHE_MB, "MB of LoRA score tables kept on disk", gr.Number if gr else None,
+            {"precision": 0}, onchange=apply_cache_size, section=SETTINGS_SECTION).info(
+                "so that a restart does not score known LoRAs again; 0: none"))
         apply_cache_size()
 
     # -- the panel ---------------------------------------------------------------------------------
@@ -247,7 +268,8 @@ class Extension:
             if model is not None:
                 args, note = session.with_family_defaults(args, self.host.family(model))
             content, style = loras.load_pair(args.content, args.style)
-            plan = fusion.make_plan(content, style, args.to_fusion_options(0))
+            options = args.to_fusion_options(0)
+            plan = fusion.make_plan(content, style, options, session.scoring_device())
         except KLoraInputError as err:
             return None, f"**{err}**"
         except LoraFormatError as err:

@@ -318,7 +318,7 @@ class Session:
         content, style = loras.load_pair(args.content, args.style)
         for message in pair_warnings(args, content, style, prompt_loras):
             self.warn(message)
-        plan = fusion.make_plan(content, style, args.to_fusion_options(seed))
+        plan = fusion.make_plan(content, style, args.to_fusion_options(seed), scoring_device())
         targets = self.host.targets(model, plan.layers)
         cov = apply.cover(plan, content, style, targets)
         te_keys, unet_keys = self.check_coverage(args, plan, cov, f"the loaded {family} model")
@@ -349,6 +349,18 @@ class Session:
             else:
                 unet_keys.append(key)
         return te_keys, unet_keys
+
+
+def scoring_device() -> Any:
+    """Where the scores' products are formed: the webui's compute device when it is not the CPU
+    (modules/devices.py ``device``: A1111, Forge, Neo), else the CPU."""
+    try:
+        from modules import devices
+
+        device = devices.device
+    except (ImportError, AttributeError):
+        return None
+    return device if getattr(device, "type", "cpu") != "cpu" else None
 
 
 def pair_warnings(args: KLoraArgs, content: LoraFile, style: LoraFile, prompt_loras: Iterable[str] = ()
