@@ -120,28 +120,38 @@ def test_detect_with_the_real_import_system(monkeypatch):
 # The Forge double, the models and the LoRA files
 
 
+def wire(adapter, tmp_path: Path):
+    """The extension on ``adapter`` (a host) with its callbacks and the tag registered the way
+    scripts/klora.py does, against the double on sys.path, and an empty LoRA folder; returns both."""
+    import networks
+    from modules import extra_networks, script_callbacks, shared
+
+    from klora.webui.extension import Extension, ExtraNetworkKLora
+
+    extension = Extension(adapter)
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    shared.cmd_opts.lora_dir = str(lora_dir)
+    networks.list_available_networks()
+    script_callbacks.on_cfg_denoiser(extension.on_cfg_denoiser)
+    script_callbacks.on_script_unloaded(extension.on_script_unloaded)
+    extra_networks.register_extra_network(ExtraNetworkKLora())
+    return extension, lora_dir
+
+
 @pytest.fixture
 def fx(tmp_path, monkeypatch):
-    """The Forge double on sys.path, the adapter imported against it, callbacks and the tag registered the way
-    scripts/klora.py does, a LoRA folder; everything removed afterwards."""
+    """The Forge double on sys.path, the adapter imported against it and wired (:func:`wire`); everything
+    removed afterwards."""
     _purge()
     _put_on_path(monkeypatch)
     import networks
     from backend.operations import ForgeOperations
     from backend.sampling import sampling_function
-    from modules import extra_networks, processing, script_callbacks, sd_models, shared
+    from modules import processing, script_callbacks, sd_models, shared
     from modules_forge import main_entry
 
-    from klora.webui.extension import Extension, ExtraNetworkKLora
-
-    forge = Extension(forge_host.ForgeHost("2.0.1v1.10.1"))
-    lora_dir = tmp_path / "Lora"
-    lora_dir.mkdir()
-    shared.cmd_opts.lora_dir = str(lora_dir)
-    networks.list_available_networks()
-    script_callbacks.on_cfg_denoiser(forge.on_cfg_denoiser)
-    script_callbacks.on_script_unloaded(forge.on_script_unloaded)
-    extra_networks.register_extra_network(ExtraNetworkKLora())
+    forge, lora_dir = wire(forge_host.ForgeHost("2.0.1v1.10.1"), tmp_path)
     from klora.webui import session
 
     ns = SimpleNamespace(

@@ -33,9 +33,9 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import fake_neo  # noqa: E402
 from fake_forge.flux import IntegratedFluxTransformer2DModel  # noqa: E402
-from fake_forge.tiny import TinyClip  # noqa: E402
-from fake_neo.nets import UMT5, NextDiT, Qwen3, QwenImageTransformer2DModel, WanModel  # noqa: E402
-from test_forge import HOST, Script, _enabled, _hooks_left, _purge, _rand, _Runner, _same, _state  # noqa: E402
+from fake_forge.tiny import TinyClip, TinyT5  # noqa: E402
+from fake_neo.nets import NextDiT, Qwen3, QwenImageTransformer2DModel, WanModel  # noqa: E402
+from test_forge import HOST, Script, _enabled, _hooks_left, _purge, _rand, _Runner, _same, _state, wire  # noqa: E402
 
 
 @pytest.fixture
@@ -44,22 +44,14 @@ def nfx(tmp_path, monkeypatch):
     _purge()
     monkeypatch.syspath_prepend(str(HOST))
     import networks
-    from modules import extra_networks, processing, script_callbacks, shared
+    from modules import processing, shared
 
     fake_neo.install(monkeypatch)
     from fake_neo import engines
 
+    ext, lora_dir = wire(neo_host.NeoHost("2.26"), tmp_path)
     from klora.webui import session
-    from klora.webui.extension import Extension, ExtraNetworkKLora
 
-    ext = Extension(neo_host.NeoHost("2.26"))
-    lora_dir = tmp_path / "Lora"
-    lora_dir.mkdir()
-    networks.lora_dir = str(lora_dir)
-    networks.list_available_networks()
-    script_callbacks.on_cfg_denoiser(ext.on_cfg_denoiser)
-    script_callbacks.on_script_unloaded(ext.on_script_unloaded)
-    extra_networks.register_extra_network(ExtraNetworkKLora())
     try:
         yield SimpleNamespace(
             ext=ext,
@@ -385,7 +377,7 @@ def test_flux_and_chroma(nfx, tmp_path, chroma):
 
     dm = _flux_tree(chroma)
     with torch.device("meta"):
-        t5 = UMT5(blocks=1)
+        t5 = TinyT5(nn.Linear, dim=4096, blocks=1, ffn=10240)
         clip_l = TinyClip(nn.Linear, dim=768, layers=1)
     engine = _meta_engine(nfx, nfx.engines.Chroma, dm, t5) if chroma else Flux(dm, clip_l, t5)
     assert neo_host.NeoHost().family(engine) == ("chroma" if chroma else "flux")
@@ -628,7 +620,7 @@ W, WF = 5120, 13824
 @pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v-2.1"])
 def test_wan(nfx, tmp_path, i2v):
     with torch.device("meta"):
-        dm, umt5 = WanModel(i2v=i2v), UMT5(blocks=24)
+        dm, umt5 = WanModel(i2v=i2v), TinyT5(nn.Linear, dim=4096, blocks=24, ffn=10240)
     engine = _meta_engine(nfx, nfx.engines.Wan, dm, umt5)
     assert neo_host.NeoHost().family(engine) == "wan"
     groups = {
@@ -861,7 +853,7 @@ WAN_DIM = 16
 def _wan(nfx, seed: int, title: str):
     torch.manual_seed(seed)
     dm = WanModel(dim=WAN_DIM, ffn_dim=32, num_layers=2, text_dim=12)
-    engine = nfx.engines.Wan(dm, UMT5(dim=12, inner=12, ffn=16, blocks=1), title=title)
+    engine = nfx.engines.Wan(dm, TinyT5(nn.Linear, dim=12), title=title)
     engine.encode = lambda prompts: torch.zeros(1)
     return engine, dm
 

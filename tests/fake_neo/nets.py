@@ -1,8 +1,8 @@
 """Forge Neo's DiT module trees for tests, written from the facts of Neo 2.26's ``backend/nn/*.py``: the
 module names and weight shapes of ``lumina.py::NextDiT`` (Z-Image, Lumina 2), ``qwen.py::
 QwenImageTransformer2DModel``, ``wan.py::WanModel`` and the text encoders ``llm/llama.py::Qwen3_4B`` and
-``t5.py::IntegratedT5`` (UMT5-XXL). Neo's plain ``Linear`` is a real ``nn.Linear``
-(``ForgeOperations.Linear``); ``linear`` swaps in another op class (GGUF, NF4).
+(T5/UMT5-XXL: ``tests/fake_forge/tiny.py::TinyT5`` with its feed-forward). Neo's plain ``Linear`` is a real
+``nn.Linear`` (``ForgeOperations.Linear``); ``linear`` swaps in another op class (GGUF, NF4).
 
 Each ``forward`` is a simplification that calls every Linear (fused ``qkv`` included, its q | k | v rows used
 as such) so that hooks run; it is not the models' math. Build on ``torch.device("meta")`` at the real sizes
@@ -353,31 +353,3 @@ class Qwen3(nn.Module):  # llm/llama.py::Qwen3_4B: model.layers.N.self_attn.{q,k
             layer.input_layernorm, layer.post_attention_layernorm = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
             self.model.layers.append(layer)
         self.model.norm = nn.RMSNorm(hidden)
-
-
-class UMT5(nn.Module):  # t5.py::IntegratedT5: transformer.encoder.block.N.layer.{0,1}
-    def __init__(
-        self,
-        dim: int = 4096,
-        inner: int = 4096,
-        ffn: int = 10240,
-        blocks: int = 24,
-        linear: LinearFactory = nn.Linear,
-    ) -> None:
-        super().__init__()
-        self.transformer = nn.Module()
-        self.transformer.encoder = nn.Module()
-        self.transformer.encoder.block = nn.ModuleList()
-        for _ in range(blocks):
-            block = nn.Module()
-            attn, ff = nn.Module(), nn.Module()
-            attn.SelfAttention = nn.Module()
-            for name in "qkv":
-                setattr(attn.SelfAttention, name, linear(dim, inner, bias=False))
-            attn.SelfAttention.o = linear(inner, dim, bias=False)
-            ff.DenseReluDense = nn.Module()
-            ff.DenseReluDense.wi_0 = linear(dim, ffn, bias=False)
-            ff.DenseReluDense.wi_1 = linear(dim, ffn, bias=False)
-            ff.DenseReluDense.wo = linear(ffn, dim, bias=False)
-            block.layer = nn.ModuleList([attn, ff])
-            self.transformer.encoder.block.append(block)

@@ -23,7 +23,7 @@ hosts (:mod:`.forge`, :mod:`.neo`) build on these public functions; neither impo
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -86,6 +86,9 @@ def unet_targets(unet: nn.Module, wanted: Iterable[str]) -> dict[str, Target]:
     """Canonical ``unet/`` keys → targets in an SGM-named UNet built from the checkpoint's config
     (``backend/nn/unet.py``, ``num_res_blocks`` per level): a non-standard layout is renumbered; blocks the
     renumbering cannot express are left to the host's key map."""
+    wanted = [k for k in wanted if k.startswith("unet/")]
+    if not wanted:
+        return {}
     renumber = sd_keys.sgm_renumbering(unet)
     index: dict[str, nn.Module] = {}
     for name, module in unet.named_modules():
@@ -225,6 +228,28 @@ def key_map_targets(sd_model: Any, missing: list[str], prefixes: tuple[str, ...]
         if hookable(module):
             out[key] = target(module, rows)
     return out
+
+
+DenoiserTargets = Callable[[nn.Module, list[str]], dict[str, Target]]
+
+
+def build_targets(sd_model: Any, layer_keys: Iterable[str], denoiser: Iterable[DenoiserTargets],
+                  encoders: Mapping[str, nn.Module], spellings: tuple[str, ...]
+                  ) -> tuple[dict[str, Target], list[str]]:
+    """Canonical key → :class:`~klora.apply.Target` in the host's modules, and the keys not found: the
+    denoiser's by each of ``denoiser`` in turn, the text encoders' in ``encoders`` (canonical component →
+    module), then what is left through the host's key map in ``spellings`` (:func:`key_map_targets`)."""
+    wanted = list(dict.fromkeys(layer_keys))
+    dm = diffusion_model(sd_model)
+    targets: dict[str, Target] = {}
+    for resolve in denoiser:
+        targets.update(resolve(dm, wanted))
+    targets.update(text_encoder_targets(encoders, wanted))
+    missing = [k for k in wanted if k not in targets]
+    if missing:
+        targets.update(key_map_targets(sd_model, missing, spellings))
+        missing = [k for k in wanted if k not in targets]
+    return targets, missing
 
 
 def announce_memory(p: Any, setup: Setup) -> None:

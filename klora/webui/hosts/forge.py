@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from klora.apply import Target
-from klora.keys import flux as flux_keys
 from klora.webui.hosts import backend
 from klora.webui.hosts.base import HostDefaults, flag_family
 
@@ -28,22 +27,10 @@ _TEXT_ENCODERS: dict[str, str] = {"te1": "clip_l", "te2": "clip_g", "te3": "t5xx
 
 def build_targets(sd_model: Any, layer_keys: Iterable[str]) -> tuple[dict[str, Target], list[str]]:
     """Canonical key → :class:`~klora.apply.Target` in Forge's modules, and the keys not found."""
-    wanted = list(dict.fromkeys(layer_keys))
-    dm = backend.diffusion_model(sd_model)
-    components = {k.partition("/")[0] for k in wanted}
-    targets: dict[str, Target] = {}
-    if "unet" in components:
-        targets.update(backend.unet_targets(dm, wanted))
-    if flux_keys.COMPONENT in components:
-        targets.update(backend.flux_targets(dm, wanted))
     encoders = backend.host_text_encoders(sd_model)
-    targets.update(backend.text_encoder_targets(
-        {c: encoders[n] for c, n in _TEXT_ENCODERS.items() if n in encoders}, wanted))
-    missing = [k for k in wanted if k not in targets]
-    if missing:
-        targets.update(backend.key_map_targets(sd_model, missing, ("lora_unet_", "lora_transformer_")))
-        missing = [k for k in wanted if k not in targets]
-    return targets, missing
+    return backend.build_targets(sd_model, layer_keys, (backend.unet_targets, backend.flux_targets),
+                                 {c: encoders[n] for c, n in _TEXT_ENCODERS.items() if n in encoders},
+                                 ("lora_unet_", "lora_transformer_"))
 
 
 class ForgeHost(HostDefaults):

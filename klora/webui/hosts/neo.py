@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from klora.apply import Target
-from klora.keys.dit import COMPONENT, DitFamily
+from klora.keys.dit import DitFamily
 from klora.keys.qwen import QWEN_IMAGE
 from klora.keys.wan import WAN
 from klora.keys.zimage import NEXTDIT
@@ -65,27 +65,18 @@ def text_encoder_components(sd_model: Any) -> dict[str, nn.Module]:
             for name, module in backend.host_text_encoders(sd_model).items()}
 
 
-def build_targets(sd_model: Any, family: str, layer_keys: Iterable[str]) -> tuple[dict[str, Target],
-list[str]]:
+def build_targets(sd_model: Any, family: str, layer_keys: Iterable[str]
+                  ) -> tuple[dict[str, Target], list[str]]:
     """Canonical key → :class:`~klora.apply.Target` in Neo's modules of a model of ``family``, and the keys
     not found."""
-    wanted = list(dict.fromkeys(layer_keys))
-    dm = backend.diffusion_model(sd_model)
-    components = {k.partition("/")[0] for k in wanted}
-    targets: dict[str, Target] = {}
-    if "unet" in components:
-        targets.update(backend.unet_targets(dm, wanted))
-    if COMPONENT in components:
-        dit = _DIT.get(family)
-        targets.update(backend.dit_targets(dm, dit, wanted) if dit is not None
-                       else backend.flux_targets(dm, wanted) if family in ("flux", "chroma") else {})
-    targets.update(backend.text_encoder_targets(text_encoder_components(sd_model), wanted))
-    missing = [k for k in wanted if k not in targets]
-    if missing:
-        spellings = ("lora_unet_", "lora_transformer_", "lycoris_")
-        targets.update(backend.key_map_targets(sd_model, missing, spellings))
-        missing = [k for k in wanted if k not in targets]
-    return targets, missing
+    dit = _DIT.get(family)
+    denoiser: list[backend.DenoiserTargets] = [backend.unet_targets]
+    if dit is not None:
+        denoiser.append(lambda dm, wanted: backend.dit_targets(dm, dit, wanted))
+    elif family in ("flux", "chroma"):
+        denoiser.append(backend.flux_targets)
+    return backend.build_targets(sd_model, layer_keys, denoiser, text_encoder_components(sd_model),
+                                 ("lora_unet_", "lora_transformer_", "lycoris_"))
 
 
 def nunchaku(sd_model: Any) -> bool:
