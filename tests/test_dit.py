@@ -308,3 +308,13 @@ def test_attention_scope_names_every_family():
                 "transformer/transformer_blocks_9_attn_add_q_proj", "transformer/blocks_3_ffn_net_0_proj",
                 "te_qwen3/model_layers_0_self_attn_q_proj"):
         assert not keys.is_attention(key), key
+
+
+def test_the_map_names_the_dit_blocks():
+    from klora import viz
+
+    assert [viz.block_of("transformer/" + k) for k in (
+        "context_refiner_0_attention_to_q", "noise_refiner_1_feed_forward_w1", "layers_29_attention_to_out_0",
+        "all_final_layer_2-1_linear", "all_x_embedder_2-1", "blocks_3_attn2_to_k", "proj_out",
+        "transformer_blocks_40_img_mlp_net_2")] == [
+        "context refiner", "noise refiner", "layers", "out", "in", "blocks", "out", "double"]
