@@ -6,9 +6,10 @@ Forge Neo (its options carry ``forge_preset``). The server needs two LoRAs that 
 ``KLORA_E2E_CONTENT`` and ``KLORA_E2E_STYLE``, or else the first two its ``/sdapi/v1/loras`` lists;
 ``KLORA_E2E_CONTENT_ALT``/``KLORA_E2E_STYLE_ALT`` name a second pair in another file spelling (e.g. Z-Image's
 diffusers and Neo-native names), checked the same way. ``KLORA_E2E_CFG`` sets the CFG scale (default 5; the
-distilled DiTs want 1), ``KLORA_E2E_FAMILY_NOTE`` the family-default note the infotext must carry (e.g.
-``Z-Image default pattern s*``). Generations are small (64×64, 4 steps, fixed seeds) so a CPU server answers
-in seconds. Only the standard library and Pillow are used.
+distilled DiTs want 1), ``KLORA_E2E_PAYLOAD`` a JSON object of request fields added to every request (e.g.
+``{"scheduler": "Simple"}`` for Flux), ``KLORA_E2E_FAMILY_NOTE`` the family-default note the infotext must
+carry (e.g. ``Z-Image default pattern s*``). Generations are small (64×64, 4 steps, fixed seeds) so a CPU
+server answers in seconds. Only the standard library and Pillow are used.
 
 Run: ``KLORA_WEBUI_URL=http://127.0.0.1:7860 python -m pytest tests/e2e_forge -q``
 """
@@ -29,6 +30,7 @@ import pytest
 URL = os.environ.get("KLORA_WEBUI_URL", "").rstrip("/")
 TIMEOUT = float(os.environ.get("KLORA_E2E_TIMEOUT", "600"))
 CFG = float(os.environ.get("KLORA_E2E_CFG", "5"))
+EXTRA = json.loads(os.environ.get("KLORA_E2E_PAYLOAD", "{}"))  # e.g. a Flux model's {"scheduler": "Simple"}
 FAMILY_NOTE = os.environ.get("KLORA_E2E_FAMILY_NOTE", "")
 SCRIPT = "K-LoRA"
 
@@ -99,6 +101,7 @@ def _payload(prompt: str = "a photo of a dog", klora: Any = None, **extra) -> di
         "batch_size": 1,
         "n_iter": 1,
     }
+    payload.update(EXTRA)
     if klora is not None:
         payload["alwayson_scripts"] = {SCRIPT: {"args": [klora]}}
     payload.update(extra)
