@@ -1,25 +1,44 @@
-"""The Forge Neo host (:mod:`klora.webui.hosts.neo`) against the Neo double: the Forge double
-(``tests/fake_forge/host``) with Neo's differences laid over it (``tests/fake_neo``).
+"""The Forge Neo host (:mod:`klora.webui.hosts.neo`) against the Neo double: Neo's layer over the Forge and
+A1111 doubles (``tests/doubles/neo``, ``forge``, ``a1111``; ``tests/doubles/README.md``).
 
 * Detection by feature, and the host the real import system finds.
 * For every family Neo runs (SD1.5, SDXL, Flux, Chroma, Z-Image, Lumina 2, Qwen-Image, Wan 2.x T2V and 2.1
   I2V, and their text encoders): the module tree Neo builds, on the meta device with Neo's exact names and
-  shapes, and every LoRA spelling Neo's own loader accepts landing on the right module or row slice.
-* Whole generations through the double: Z-Image (plain and GGUF Linears) equal to the merged oracle, Wan 2.2's
-  two experts in both of Neo's refiner modes with τ running on through the switch, Nunchaku and unknown
-  engines refused with the image made without K-LoRA; after each, bit-identical weights and no hook left.
+  shapes (``tests/doubles/models``), and every LoRA spelling Neo's own loader accepts landing on the right
+  module or row slice.
+* Whole generations through the doubles: Z-Image (plain and GGUF Linears) equal to the merged oracle, Wan
+  2.2's two experts in both of Neo's refiner modes with τ running on through the switch, another family's
+  refiner ending K-LoRA, Nunchaku and unknown engines refused with the image made without K-LoRA; after each,
+  bit-identical weights and no hook left.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
+import importlib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from doubles.models.flux import IntegratedFluxTransformer2DModel
+from doubles.models.neo import NextDiT, Qwen3, QwenImageTransformer2DModel, WanModel
+from doubles.models.tiny_forge import TinyClip, TinyT5
 from safetensors.torch import save_file
+from test_forge import (
+    LAYERS,
+    _enabled,
+    _hooks_left,
+    _load,
+    _observe,
+    _processing,
+    _purge,
+    _rand,
+    _register,
+    _same,
+    _state,
+    wire,
+)
 from torch import nn
 
 from klora import apply
@@ -29,43 +48,59 @@ from klora.webui import hosts as host
 from klora.webui import infotext
 from klora.webui.hosts import neo as neo_host
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-import fake_neo  # noqa: E402
-from fake_forge.flux import IntegratedFluxTransformer2DModel  # noqa: E402
-from fake_forge.tiny import TinyClip, TinyT5  # noqa: E402
-from fake_neo.nets import NextDiT, Qwen3, QwenImageTransformer2DModel, WanModel  # noqa: E402
-from test_forge import HOST, Script, _enabled, _hooks_left, _purge, _rand, _Runner, _same, _state, wire  # noqa: E402
+# Neo's layer over the Forge double's (tests/doubles/README.md)
+NEO_LAYERS = (Path(__file__).parent / "doubles" / "neo", *LAYERS)
 
 
 @pytest.fixture
 def nfx(tmp_path, monkeypatch):
-    """The Neo double on sys.path, the Neo host's extension wired as scripts/klora.py does, a LoRA folder."""
+    """The Neo double on sys.path, the Neo host's extension wired as scripts/klora.py does (``forge``: the
+    name test_forge's helpers use), a LoRA folder; everything removed afterwards."""
     _purge()
-    monkeypatch.syspath_prepend(str(HOST))
+    for layer in reversed(NEO_LAYERS):
+        monkeypatch.syspath_prepend(str(layer))
     import networks
-    from modules import processing, shared
-
-    fake_neo.install(monkeypatch)
-    from fake_neo import engines
+    from backend.operations import ForgeOperations
+    from modules import processing, script_callbacks, sd_models, sd_samplers_common, shared
+    from modules_forge import main_entry
 
     ext, lora_dir = wire(neo_host.NeoHost("2.26"), tmp_path)
     from klora.webui import session
 
     try:
         yield SimpleNamespace(
-            ext=ext,
+            forge=ext,
             session=session,
             shared=shared,
             processing=processing,
             networks=networks,
+            sd_models=sd_models,
+            main_entry=main_entry,
+            samplers=sd_samplers_common,
+            callbacks=script_callbacks,
             lora_dir=lora_dir,
-            engines=engines,
+            Linear=ForgeOperations.Linear,
         )
     finally:
         ext.on_script_unloaded()
         shared.state.interrupted = False
         _purge()
+
+
+def _engine(name: str):
+    """Neo's engine class ``name`` (backend/diffusion_engine/*.py of the double)."""
+    modules = {
+        "StableDiffusion": "sd15",
+        "StableDiffusionXL": "sdxl",
+        "Flux": "flux",
+        "Chroma": "chroma",
+        "ZImage": "zimage",
+        "Lumina2": "lumina",
+        "QwenImage": "qwen",
+        "Wan": "wan",
+        "Anima": "anima",
+    }
+    return getattr(importlib.import_module(f"backend.diffusion_engine.{modules[name]}"), name)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,6 +137,7 @@ def test_the_real_import_system_finds_neo(nfx):
     host.current.cache_clear()
     try:
         assert host.detect() == host.HostInfo("neo", "2.26")
+        assert isinstance(host.load(), neo_host.NeoHost)
     finally:
         host.current.cache_clear()
 
@@ -173,8 +209,8 @@ def _tree(modules: dict[str, nn.Module]) -> nn.Module:
     return root
 
 
-def _meta_engine(nfx, cls, dm: nn.Module, *encoders: nn.Module):
-    engine = cls(dm, *encoders)
+def _meta_engine(nfx, name: str, dm: nn.Module, *encoders: nn.Module):
+    engine = _engine(name)(dm, *encoders)
     nfx.shared.sd_model = engine
     return engine
 
@@ -182,7 +218,7 @@ def _meta_engine(nfx, cls, dm: nn.Module, *encoders: nn.Module):
 def test_sd15_and_sdxl_unet_and_clip(nfx, tmp_path):
     """backend/nn/unet.py SGM names at SD1.5 / SDXL sizes; kohya (diffusers and SGM), PEFT, ComfyUI and the
     text encoders (kohya, ComfyUI's text_encoders.)."""
-    from backend.diffusion_engine.engines import StableDiffusion, StableDiffusionXL
+    StableDiffusion, StableDiffusionXL = _engine("StableDiffusion"), _engine("StableDiffusionXL")
 
     with torch.device("meta"):
         unet = _tree(
@@ -373,13 +409,13 @@ FLUX_GROUPS = {
 
 @pytest.mark.parametrize("chroma", [False, True], ids=["flux", "chroma"])
 def test_flux_and_chroma(nfx, tmp_path, chroma):
-    from backend.diffusion_engine.engines import Flux
+    Flux = _engine("Flux")
 
     dm = _flux_tree(chroma)
     with torch.device("meta"):
         t5 = TinyT5(nn.Linear, dim=4096, blocks=1, ffn=10240)
         clip_l = TinyClip(nn.Linear, dim=768, layers=1)
-    engine = _meta_engine(nfx, nfx.engines.Chroma, dm, t5) if chroma else Flux(dm, clip_l, t5)
+    engine = _meta_engine(nfx, "Chroma", dm, t5) if chroma else Flux(dm, clip_l, t5)
     assert neo_host.NeoHost().family(engine) == ("chroma" if chroma else "flux")
     _check_spellings(tmp_path, engine, dm, FLUX_GROUPS)
     te = {
@@ -421,7 +457,7 @@ Z, ZH = 3840, 10240
 def test_zimage(nfx, tmp_path):
     with torch.device("meta"):
         dm, qwen3 = NextDiT(), Qwen3()
-    engine = _meta_engine(nfx, nfx.engines.ZImage, dm, qwen3)
+    engine = _meta_engine(nfx, "ZImage", dm, qwen3)
     assert neo_host.NeoHost().family(engine) == "zimage" and neo_host.NeoHost().refusal(engine) is None
     qkv = _rows("layers.29.attention.qkv", Z, Z, Z)
     groups = {
@@ -497,7 +533,7 @@ def test_lumina2_rows_follow_its_grouped_query_attention(nfx, tmp_path):
         dm = NextDiT(
             dim=2304, n_heads=24, n_kv_heads=8, n_layers=26, hidden=9216, z_image=False, cap_feat_dim=2304
         )
-    engine = _meta_engine(nfx, nfx.engines.Lumina2, dm, nn.Module())
+    engine = _meta_engine(nfx, "Lumina2", dm, nn.Module())
     assert neo_host.NeoHost().family(engine) == "lumina2"
     _check_spellings(
         tmp_path,
@@ -539,7 +575,7 @@ def test_qwen_image(nfx, tmp_path):
     with torch.device("meta"):
         dm = QwenImageTransformer2DModel()
         qwen25 = Qwen3(hidden=3584, layers=1, heads=28, kv_heads=4, mlp=18944)
-    engine = _meta_engine(nfx, nfx.engines.QwenImage, dm, qwen25)
+    engine = _meta_engine(nfx, "QwenImage", dm, qwen25)
     assert neo_host.NeoHost().family(engine) == "qwen-image"  # not Wan, whatever its is_wan flag says
     groups = {
         "diffusers PEFT default": {
@@ -621,7 +657,7 @@ W, WF = 5120, 13824
 def test_wan(nfx, tmp_path, i2v):
     with torch.device("meta"):
         dm, umt5 = WanModel(i2v=i2v), TinyT5(nn.Linear, dim=4096, blocks=24, ffn=10240)
-    engine = _meta_engine(nfx, nfx.engines.Wan, dm, umt5)
+    engine = _meta_engine(nfx, "Wan", dm, umt5)
     assert neo_host.NeoHost().family(engine) == "wan"
     groups = {
         "musubi kohya": {
@@ -674,7 +710,7 @@ def test_wan(nfx, tmp_path, i2v):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Whole generations through the double
+# Whole generations through the doubles
 
 
 def _lora(
@@ -685,8 +721,8 @@ def _lora(
     alpha: float | None = None,
     rank: int = 2,
 ) -> dict[str, torch.Tensor]:
-    """A kohya-suffixed LoRA (``<name>.lora_down/up.weight``) of the given file module names; returns each
-    module's ΔW (alpha/rank applied)."""
+    """A LoRA with kohya suffixes (``<name>.lora_down/up.weight``) on the given file module names; returns
+    each module's ΔW (alpha/rank applied)."""
     tensors, deltas = {}, {}
     for i, (name, (out, inp)) in enumerate(layers.items()):
         down = _rand(rank, inp, seed=seed + 2 * i, std=std)
@@ -699,11 +735,13 @@ def _lora(
     return deltas
 
 
-def _merged(
-    model: nn.Module, plan, tau: float, pieces: dict[str, dict[str, tuple[str, slice | None, torch.Tensor]]]
-) -> nn.Module:
-    """A copy of ``model`` with the ΔW the plan chooses at ``tau`` merged in; ``pieces``: side → canonical key
-    → (module path, rows, ΔW)."""
+Pieces = dict[
+    str, dict[str, tuple[str, slice | None, torch.Tensor]]
+]  # side → canonical key → (module, rows, ΔW)
+
+
+def _merged(model: nn.Module, plan, tau: float, pieces: Pieces) -> nn.Module:
+    """A copy of ``model`` with the ΔW the plan chooses at ``tau`` merged in."""
     merged = copy.deepcopy(model)
     with torch.no_grad():
         for side, keys_ in pieces.items():
@@ -714,10 +752,32 @@ def _merged(
     return merged
 
 
-D, ZSTEPS = 16, 6
+def _record(nfx, calls: list, get_p) -> callable:
+    """A forward-hook callback (test_forge ``_observe``) recording per model call: τ, the session's plan and
+    expert, the output and the inputs."""
+
+    def record(args, kwargs, out):
+        s = nfx.session.session_of(get_p())
+        inputs = ([a.detach().clone() for a in args], dict(kwargs))
+        calls.append((s.clock.tau, s.setup.plan, s.setup.expert, out.detach().clone(), inputs))
+
+    return record
 
 
-def _zimage(nfx, linear, seed: int = 0, title: str = "zimage-turbo"):
+def _check_calls(calls: list, oracle) -> None:
+    """Every recorded call's output equals the oracle's model (``oracle(expert) → (model, pieces)``) with the
+    chosen deltas merged, fed the same inputs."""
+    for tau, plan, expert, out, (args, kwargs) in calls:
+        model, pieces = oracle(expert)
+        with torch.no_grad():
+            want = _merged(model, plan, tau, pieces)(*args, **kwargs)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+D = 16  # Z-Image width here: 4 tokens of 2×2 patches of the 4-channel latent (a 32×32 image)
+
+
+def _zimage(nfx, linear, seed: int = 0, name: str = "zimage-turbo"):
     torch.manual_seed(seed)
     dm = NextDiT(
         dim=D,
@@ -729,15 +789,11 @@ def _zimage(nfx, linear, seed: int = 0, title: str = "zimage-turbo"):
         in_channels=4,
         linear=linear,
     )
-    engine = nfx.engines.ZImage(
-        dm, Qwen3(hidden=12, layers=1, heads=2, kv_heads=1, head_dim=6, mlp=16, vocab=10), title=title
-    )
-    engine.encode = lambda prompts: torch.zeros(1)
-    nfx.shared.sd_model = engine
-    return engine, dm
+    qwen3 = Qwen3(hidden=12, layers=1, heads=2, kv_heads=1, head_dim=6, mlp=16, vocab=10)
+    return _load(nfx, _engine("ZImage")(dm, qwen3), name), dm
 
 
-def _zimage_pair(nfx) -> dict[str, dict[str, tuple[str, slice | None, torch.Tensor]]]:
+def _zimage_pair(nfx) -> Pieces:
     """content in diffusers spelling (q, k, v, out, w1 of layers.0; q of noise_refiner.0), style in Neo's
     native one (the fused qkv and w1 of layers.0, out of noise_refiner.0): both decide per projection."""
     c = _lora(
@@ -765,8 +821,7 @@ def _zimage_pair(nfx) -> dict[str, dict[str, tuple[str, slice | None, torch.Tens
         std=0.25,
         rank=4,
     )
-    qkv = "layers.0.attention.qkv"
-    rows = {p: slice(i * D, (i + 1) * D) for i, p in enumerate("qkv")}
+    qkv, rows = "layers.0.attention.qkv", {p: slice(i * D, (i + 1) * D) for i, p in enumerate("qkv")}
     content = {
         f"transformer/layers_0_attention_to_{p}": (
             qkv,
@@ -814,52 +869,40 @@ def test_zimage_generation_equals_merged_per_projection_and_leaves_nothing(nfx, 
     import backend.operations as operations
 
     pieces = _zimage_pair(nfx)
-    engine, dm = _zimage(nfx, getattr(operations, ops).Linear)
-    _, dense = _zimage(nfx, operations.ForgeOperations.Linear)  # the same weights, unpacked (the oracle's)
-    nfx.shared.sd_model = engine
+    torch.manual_seed(0)
+    _, dense = _zimage(nfx, operations.ForgeOperations.Linear, name="dense-twin")  # the oracle's weights
+    _, dm = _zimage(nfx, getattr(operations, ops).Linear)
     before = _state(dm)
-    x, t, cap = _rand(1, 5, D, seed=1), _rand(1, 256, seed=2), _rand(1, 3, 12, seed=3)
-    calls = []
-
-    def denoise(sd_model, latent):
-        s = nfx.session.session_of(p)
-        with torch.no_grad():
-            calls.append(
-                (s.clock.tau, s.setup.plan, sd_model.forge_objects.unet.model.diffusion_model(x, t, cap))
-            )
-        return latent
-
-    p = nfx.processing.StableDiffusionProcessingTxt2Img(prompt="a dog", steps=ZSTEPS, denoise=denoise)
-    p.scripts = _Runner([Script(nfx.ext, _enabled())])
-    nfx.processing.process_images(p)
+    calls: list = []
+    steps = 6
+    p = _processing(nfx, nfx.processing.StableDiffusionProcessingTxt2Img, _enabled(), "a dog", steps=steps)
+    handle = _observe(dm, _record(nfx, calls, lambda: p))
+    try:
+        nfx.processing.process_images(p)
+    finally:
+        handle.remove()
     field = p.extra_generation_params[infotext.INFOTEXT_KEY]
     assert "pattern: s*" in field and "Z-Image default pattern s*" in field
     setup = nfx.session.session_of(p).last_setup
     assert set(setup.unet_keys) == set(pieces["content"]) | set(pieces["style"])
-    assert [c[0] for c in calls] == [i / ZSTEPS for i in range(ZSTEPS)]
-    seen = set()
-    for tau, plan, out in calls:
-        seen |= {plan.choose(k, tau) for k in pieces["style"] if k in pieces["content"]}
-        with torch.no_grad():
-            want = _merged(dense, plan, tau, pieces)(x, t, cap)
-        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
-    assert seen == {"content", "style"}  # the shared projections flip during the run
+    assert [c[0] for c in calls] == [i / steps for i in range(steps)]
+    shared_keys = set(pieces["content"]) & set(pieces["style"])
+    assert {c[1].choose(k, c[0]) for c in calls for k in shared_keys} == {"content", "style"}  # they flip
+    _check_calls(calls, lambda expert: (dense, pieces))
     assert _hooks_left(dm) == 0 and _same(before, _state(dm))
 
 
-WAN_DIM = 16
+WAN_DIM = 16  # 4 × the latent's channels: the 2×2 patches are the tokens
 
 
-def _wan(nfx, seed: int, title: str):
+def _wan(nfx, seed: int) -> tuple:
     torch.manual_seed(seed)
-    dm = WanModel(dim=WAN_DIM, ffn_dim=32, num_layers=2, text_dim=12)
-    engine = nfx.engines.Wan(dm, TinyT5(nn.Linear, dim=12), title=title)
-    engine.encode = lambda prompts: torch.zeros(1)
-    return engine, dm
+    dm = WanModel(dim=WAN_DIM, ffn_dim=32, num_layers=2, text_dim=12, out_dim=4)
+    return _engine("Wan")(dm, TinyT5(nfx.Linear, dim=12)), dm
 
 
-def _wan_pair(nfx, expert: str, seed: int):
-    """content (ComfyUI spelling) and style (musubi kohya) for one expert: self-attention q/o and ffn.0 of
+def _wan_pair(nfx, expert: str, seed: int) -> Pieces:
+    """content (ComfyUI spelling) and style (musubi kohya) for one expert: self-attention q, o and ffn.0 of
     block 0 both, cross-attention k of block 1 content only, ffn.2 of block 1 style only."""
     c = _lora(
         nfx.lora_dir / f"dog_{expert}_noise.safetensors",
@@ -892,70 +935,62 @@ def _wan_pair(nfx, expert: str, seed: int):
         "blocks.1.cross_attn.k": "blocks_1_attn2_to_k",
         "blocks.1.ffn.2": "blocks_1_ffn_net_2",
     }
-    return {
-        "content": {
-            f"transformer/{canonical[k[len('diffusion_model.') :]]}": (k[len("diffusion_model.") :], None, d)
-            for k, d in c.items()
-        },
-        "style": {
-            f"transformer/{canonical[k]}": (k, None, s[f"lora_unet_{k.replace('.', '_')}"])
-            for k in ("blocks.0.self_attn.q", "blocks.0.self_attn.o", "blocks.0.ffn.0", "blocks.1.ffn.2")
-        },
+    content = {}
+    for name, delta in c.items():
+        module = name.removeprefix("diffusion_model.")
+        content[f"transformer/{canonical[module]}"] = (module, None, delta)
+    style = {
+        f"transformer/{canonical[m]}": (m, None, s[f"lora_unet_{m.replace('.', '_')}"])
+        for m in ("blocks.0.self_attn.q", "blocks.0.self_attn.o", "blocks.0.ffn.0", "blocks.1.ffn.2")
     }
+    return {"content": content, "style": style}
 
 
 @pytest.mark.parametrize("mode", ["reload", "fast", "reload, extra networks off"])
 def test_wan22_experts_each_take_their_pair_and_tau_runs_on(nfx, mode):
     """Neo's Refiner switches from the high-noise to the low-noise checkpoint mid-pass: K-LoRA continues there
     with the pair renamed by ``refiner_lora_replacement`` (high_noise → low_noise), its own plan, τ running on
-    (i / N over the whole run); the infotext keeps the chosen pair and notes the expert's."""
-    from backend.diffusion_engine.engines import ForgeDiffusionEngine  # noqa: F401 (the double is imported)
+    (i / N over the whole run); the infotext keeps the chosen pair and notes the expert's. Modes: a new model
+    loaded (Forge's switch), its weights loaded into the same modules (``refiner_fast_sd``), and a switch the
+    extra networks do not announce."""
+    from modules.processing_scripts.refiner import ScriptRefiner
 
     high_pieces, low_pieces = _wan_pair(nfx, "high", 100), _wan_pair(nfx, "low", 300)
-    engine, high = _wan(nfx, 1, "wan22_high")
-    refiner, low = _wan(nfx, 2, "wan22_low")
+    refiner, low = _wan(nfx, 2)
+    refiner_title = _register(nfx, refiner, "wan22_low")
+    engine, high = _wan(nfx, 1)
+    _load(nfx, engine, "wan22_high")
     high0, low0 = copy.deepcopy(high), copy.deepcopy(low)
     before_high, before_low = _state(high), _state(low)
-    nfx.shared.sd_model = engine
-    fast = mode == "fast"
-    nfx.shared.opts.refiner_fast_sd = fast
-    x, context, t = _rand(1, 5, WAN_DIM, seed=1), _rand(1, 3, 12, seed=2), _rand(1, 256, seed=3)
-    calls = []
-
-    def denoise(sd_model, latent):
-        s = nfx.session.session_of(p)
-        with torch.no_grad():
-            out = sd_model.forge_objects.unet.model.diffusion_model(x, context, t)
-        calls.append((s.clock.tau, s.setup.plan, s.setup.expert, out))
-        return latent
-
+    nfx.shared.opts.refiner_fast_sd = mode == "fast"
+    calls: list = []
     steps = 6
-    p = nfx.processing.StableDiffusionProcessingTxt2Img(prompt="a dog", steps=steps, denoise=denoise)
-    p.refiner_switch_at = 0.5
-    p.refiner_checkpoint_info = refiner.sd_checkpoint_info
-    p.refiner_engine, p.refiner_state_dict = refiner, low.state_dict()
+    p = _processing(
+        nfx,
+        nfx.processing.StableDiffusionProcessingTxt2Img,
+        _enabled(content="dog_high_noise", style="ink_high_noise"),
+        "a dog",
+        steps=steps,
+        refiner_checkpoint=refiner_title,
+        refiner_switch_at=0.5,
+    )
     p.disable_extra_networks = mode.endswith("off")
-    p.scripts = _Runner(
-        [
-            Script(nfx.ext, _enabled(content="dog_high_noise", style="ink_high_noise")),
-            fake_neo.RefinerScript(high0.state_dict()),
-        ]
-    )
-    nfx.processing.process_images(p)
+    p.scripts.scripts.append(ScriptRefiner())
+    handles = [_observe(dm, _record(nfx, calls, lambda: p)) for dm in (high, low)]
+    try:
+        nfx.processing.process_images(p)
+    finally:
+        for handle in handles:
+            handle.remove()
+    expert = refiner.sd_checkpoint_info.short_title
     assert [c[0] for c in calls] == [i / steps for i in range(steps)]
-    assert [c[2] for c in calls] == [None] * 3 + ["wan22_low"] * 3
-    for tau, plan, expert, out in calls:
-        model, pieces = (high0, high_pieces) if expert is None else (low0, low_pieces)
-        with torch.no_grad():
-            want = _merged(model, plan, tau, pieces)(x, context, t)
-        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    assert [c[2] for c in calls] == [None] * 3 + [expert] * 3
+    _check_calls(calls, lambda on: (high0, high_pieces) if on is None else (low0, low_pieces))
     field = p.extra_generation_params[infotext.INFOTEXT_KEY]
-    assert "content: dog_high_noise, style: ink_high_noise" in field
-    assert (
-        "on wan22_low: content dog_low_noise, style ink_low_noise" in field
-        and "Wan default pattern s*" in field
-    )
+    assert "content: dog_high_noise, style: ink_high_noise" in field and "Wan default pattern s*" in field
+    assert f"on {expert}: content dog_low_noise, style ink_low_noise" in field
     assert infotext.WARNING_KEY not in p.extra_generation_params
+    assert nfx.samplers.ORIGINAL_CHECKPOINT is None  # the fast switch was undone by ScriptRefiner.postprocess
     assert _hooks_left(high, low) == 0
     assert _same(before_high, _state(high)) and _same(before_low, _state(low))
 
@@ -963,36 +998,44 @@ def test_wan22_experts_each_take_their_pair_and_tau_runs_on(nfx, mode):
 def test_a_refiner_of_another_family_ends_klora_with_a_note(nfx):
     """Only Wan's experts continue; on any other refiner K-LoRA stops at the switch (the LoRAs were chosen for
     the base model), as on A1111 and Forge."""
-    _zimage_pair(nfx)
     import backend.operations as operations
 
-    engine, dm = _zimage(nfx, operations.ForgeOperations.Linear)
-    refiner, dm2 = _zimage(nfx, operations.ForgeOperations.Linear, seed=5, title="other")
-    nfx.shared.sd_model = engine
+    _zimage_pair(nfx)
+    refiner, dm2 = _zimage(nfx, operations.ForgeOperations.Linear, seed=5, name="other")
+    _, dm = _zimage(nfx, operations.ForgeOperations.Linear)
     applied = []
 
-    def denoise(sd_model, latent):
-        applied.append(bool(_hooks_left(sd_model.forge_objects.unet.model.diffusion_model)))
-        return latent
+    def on_call(args, kwargs, out):
+        applied.append(_hooks_left(dm, dm2) > 2)  # more than the two observers
 
-    p = nfx.processing.StableDiffusionProcessingTxt2Img(prompt="a dog", steps=4, denoise=denoise)
-    p.refiner_switch_at, p.refiner_checkpoint_info, p.refiner_engine = (
-        0.5,
-        refiner.sd_checkpoint_info,
-        refiner,
+    p = _processing(
+        nfx,
+        nfx.processing.StableDiffusionProcessingTxt2Img,
+        _enabled(),
+        "a dog",
+        steps=4,
+        refiner_checkpoint=refiner.sd_checkpoint_info.title,
+        refiner_switch_at=0.5,
     )
-    p.scripts = _Runner([Script(nfx.ext, _enabled())])
-    nfx.processing.process_images(p)
+    handles = [_observe(m, on_call) for m in (dm, dm2)]
+    try:
+        nfx.processing.process_images(p)
+    finally:
+        for handle in handles:
+            handle.remove()
     assert applied == [True, True, False, False]
-    assert "not applied on other" in p.extra_generation_params[infotext.INFOTEXT_KEY]
+    assert (
+        f"not applied on {refiner.sd_checkpoint_info.short_title}"
+        in p.extra_generation_params[infotext.INFOTEXT_KEY]
+    )
     assert _hooks_left(dm, dm2) == 0
 
 
 @pytest.mark.parametrize("case", ["nunchaku", "anima"])
 def test_refused_models_make_the_image_without_klora_and_say_why(nfx, case):
-    _zimage_pair(nfx)
     import backend.operations as operations
 
+    _zimage_pair(nfx)
     if case == "nunchaku":
         engine, dm = _zimage(nfx, operations.ForgeOperations.Linear)
         engine.model_config.nunchaku = (
@@ -1004,17 +1047,16 @@ def test_refused_models_make_the_image_without_klora_and_say_why(nfx, case):
         dm = NextDiT(
             dim=D, n_heads=2, n_layers=1, n_refiner_layers=1, hidden=32, cap_feat_dim=12, in_channels=4
         )
-        engine = nfx.engines.Anima(dm, nn.Module())
-        engine.encode = lambda prompts: torch.zeros(1)
-        nfx.shared.sd_model = engine
+        _load(nfx, _engine("Anima")(dm, TinyT5(nfx.Linear, dim=12)), "anima")
         expected = "does not support this model on Forge Neo yet (Anima)"
     before = _state(dm)
     hooked = []
-    p = nfx.processing.StableDiffusionProcessingTxt2Img(
-        prompt="a dog", steps=2, denoise=lambda m, x: hooked.append(_hooks_left(dm)) or x
-    )
-    p.scripts = _Runner([Script(nfx.ext, _enabled())])
-    nfx.processing.process_images(p)
+    p = _processing(nfx, nfx.processing.StableDiffusionProcessingTxt2Img, _enabled(), "a dog", steps=2)
+    handle = _observe(dm, lambda args, kwargs, out: hooked.append(_hooks_left(dm) - 1))  # but the observer
+    try:
+        nfx.processing.process_images(p)
+    finally:
+        handle.remove()
     assert hooked == [0, 0] and _same(before, _state(dm))
     assert infotext.INFOTEXT_KEY not in p.extra_generation_params
     warning = p.extra_generation_params[infotext.WARNING_KEY]
@@ -1025,7 +1067,7 @@ def test_nunchaku_is_told_by_its_model_class_too(nfx):
     class NunchakuZImage2DModel(nn.Module):  # backend/nn/svdq.py: the class a Nunchaku Z-Image is turned into
         loras: list = []  # noqa: RUF012
 
-    engine = nfx.engines.ZImage(NunchakuZImage2DModel(), nn.Module())
+    engine = _engine("ZImage")(NunchakuZImage2DModel(), nn.Module())
     assert neo_host.nunchaku(engine) and "Nunchaku" in neo_host.NeoHost().refusal(engine)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from doubles.models.flux import patchify, timestep_embedding, unpatchify
 from torch import nn
 
 LinearFactory = Callable[..., nn.Module]
@@ -125,20 +126,23 @@ class NextDiT(nn.Module):  # lumina.py::NextDiT
         )
         self.dim = dim
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
-        """x (B, L, patch²·in_channels), t (B, 256), cap (B, T, cap_feat_dim)."""
-        adaln = self.t_embedder.mlp(t)
-        c = self.cap_embedder(cap)
+    def forward(
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, **kwargs: object
+    ) -> torch.Tensor:
+        """lumina.py::NextDiT.forward(x, timesteps, context, …): the latent (B, C, H, W), timesteps (B,), the
+        caption states (B, T, cap_feat_dim); the output in the latent's shape."""
+        adaln = self.t_embedder.mlp(timestep_embedding(timestep, 256))
+        c = self.cap_embedder(context)
         for block in self.context_refiner:
             c = block(c, None)
-        h = self.x_embedder(x)
+        h = self.x_embedder(patchify(x))
         for block in self.noise_refiner:
             h = block(h, adaln)
         h = torch.cat((c, h), 1)
         for block in self.layers:
             h = block(h, adaln)
         h = h[:, c.shape[1] :] + self.final_layer.adaLN_modulation(adaln)[:, None]
-        return self.final_layer.linear(h)
+        return unpatchify(self.final_layer.linear(h), x.shape)
 
 
 # ------------------------------------------------------------------------------------------ Qwen-Image
@@ -293,6 +297,7 @@ class WanModel(nn.Module):  # wan.py::WanModel
             linear(freq_dim, dim, bias=True), nn.SiLU(), linear(dim, dim, bias=True)
         )
         self.time_projection = nn.Sequential(nn.SiLU(), linear(dim, 6 * dim, bias=True))
+        self.freq_dim = freq_dim
         self.blocks = nn.ModuleList(WanAttentionBlock(dim, ffn_dim, i2v, linear) for _ in range(num_layers))
         self.head = nn.Module()
         self.head.norm = nn.LayerNorm(dim, elementwise_affine=False)
@@ -308,15 +313,19 @@ class WanModel(nn.Module):  # wan.py::WanModel
                 nn.LayerNorm(dim),
             )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x (B, L, dim) tokens (the patch embedding is not run), context (B, T, text_dim), t (B,
-        freq_dim)."""
-        e = self.time_embedding(t)
+    def forward(
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, **kwargs: object
+    ) -> torch.Tensor:
+        """wan.py::WanModel.forward(x, timestep, context, …): the latent (B, C, H, W) in 2×2 patches taken as
+        the tokens (the Conv3d patch embedding is not run), timestep (B,), the UMT5 states (B, T,
+        text_dim)."""
+        e = self.time_embedding(timestep_embedding(timestep, self.freq_dim))
         e = e + self.time_projection(e)[:, : e.shape[-1]]
         context = self.text_embedding(context)
+        tokens = patchify(x)
         for block in self.blocks:
-            x = block(x, context, e)
-        return self.head.head(self.head.norm(x))
+            tokens = block(tokens, context, e)
+        return unpatchify(self.head.head(self.head.norm(tokens)), x.shape)
 
 
 # ------------------------------------------------------------------------------------------ text encoders
@@ -353,3 +362,23 @@ class Qwen3(nn.Module):  # llm/llama.py::Qwen3_4B: model.layers.N.self_attn.{q,k
             layer.input_layernorm, layer.post_attention_layernorm = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
             self.model.layers.append(layer)
         self.model.norm = nn.RMSNorm(hidden)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.tokens = torch.randn(1, 3, hidden, generator=torch.Generator().manual_seed(7))
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        """The states of a fixed three-token prompt (the tokenizer is left out), through every layer."""
+        x = self.tokens.expand(len(prompts), -1, -1)
+        for layer in self.model.layers:
+            a = layer.self_attn
+            k, v = (
+                (
+                    proj(x)
+                    .unflatten(-1, (self.kv_heads, self.head_dim))
+                    .repeat_interleave(self.heads // self.kv_heads, -2)
+                    .flatten(-2)
+                )
+                for proj in (a.k_proj, a.v_proj)
+            )
+            x = x + a.o_proj(torch.tanh(a.q_proj(x)) * k + v)
+            x = x + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x))
+        return self.model.norm(x)
