@@ -139,19 +139,19 @@ def wire(adapter, tmp_path: Path):
     return extension, lora_dir
 
 
-@pytest.fixture
-def fx(tmp_path, monkeypatch):
-    """The Forge double on sys.path, the adapter imported against it and wired (:func:`wire`); everything
-    removed afterwards."""
+def doubles(adapter, layers, tmp_path: Path, monkeypatch):
+    """The doubles of ``layers`` on sys.path (top first), the extension on the host ``adapter()`` made against
+    them and wired (:func:`wire`); yields what the tests use, and removes everything afterwards."""
     _purge()
-    _put_on_path(monkeypatch)
+    for layer in reversed(layers):
+        monkeypatch.syspath_prepend(str(layer))
     import networks
     from backend.operations import ForgeOperations
     from backend.sampling import sampling_function
-    from modules import processing, script_callbacks, sd_models, shared
+    from modules import processing, script_callbacks, sd_models, sd_samplers_common, shared
     from modules_forge import main_entry
 
-    forge, lora_dir = wire(forge_host.ForgeHost("2.0.1v1.10.1"), tmp_path)
+    forge, lora_dir = wire(adapter(), tmp_path)
     from klora.webui import session
 
     ns = SimpleNamespace(
@@ -161,6 +161,7 @@ def fx(tmp_path, monkeypatch):
         processing=processing,
         sd_models=sd_models,
         main_entry=main_entry,
+        samplers=sd_samplers_common,
         networks=networks,
         lora_dir=lora_dir,
         Linear=ForgeOperations.Linear,
@@ -173,6 +174,12 @@ def fx(tmp_path, monkeypatch):
         forge.on_script_unloaded()
         shared.state.interrupted = False
         _purge()
+
+
+@pytest.fixture
+def fx(tmp_path, monkeypatch):
+    """The Forge double (over the A1111 one) with the Forge host's extension (:func:`doubles`)."""
+    yield from doubles(lambda: forge_host.ForgeHost("2.0.1v1.10.1"), LAYERS, tmp_path, monkeypatch)
 
 
 class Script:

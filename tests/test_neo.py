@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import importlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,12 +31,11 @@ from test_forge import (
     _load,
     _observe,
     _processing,
-    _purge,
     _rand,
     _register,
     _same,
     _state,
-    wire,
+    doubles,
 )
 from torch import nn
 
@@ -54,37 +52,8 @@ NEO_LAYERS = (Path(__file__).parent / "doubles" / "neo", *LAYERS)
 
 @pytest.fixture
 def nfx(tmp_path, monkeypatch):
-    """The Neo double on sys.path, the Neo host's extension wired as scripts/klora.py does (``forge``: the
-    name test_forge's helpers use), a LoRA folder; everything removed afterwards."""
-    _purge()
-    for layer in reversed(NEO_LAYERS):
-        monkeypatch.syspath_prepend(str(layer))
-    import networks
-    from backend.operations import ForgeOperations
-    from modules import processing, script_callbacks, sd_models, sd_samplers_common, shared
-    from modules_forge import main_entry
-
-    ext, lora_dir = wire(neo_host.NeoHost("2.26"), tmp_path)
-    from klora.webui import session
-
-    try:
-        yield SimpleNamespace(
-            forge=ext,
-            session=session,
-            shared=shared,
-            processing=processing,
-            networks=networks,
-            sd_models=sd_models,
-            main_entry=main_entry,
-            samplers=sd_samplers_common,
-            callbacks=script_callbacks,
-            lora_dir=lora_dir,
-            Linear=ForgeOperations.Linear,
-        )
-    finally:
-        ext.on_script_unloaded()
-        shared.state.interrupted = False
-        _purge()
+    """The Neo double (over Forge's and A1111's) with the Neo host's extension (test_forge ``doubles``)."""
+    yield from doubles(lambda: neo_host.NeoHost("2.26"), NEO_LAYERS, tmp_path, monkeypatch)
 
 
 def _engine(name: str):
