@@ -64,11 +64,14 @@ class Target:
     """The module a canonical layer key patches. ``rows`` selects output rows of a fused layer (for example
     the q rows of a fused qkv Linear), ``None`` means the whole output. ``part`` names the projection of an
     ``nn.MultiheadAttention`` (``q``, ``k``, ``v``, ``out``), whose weights are parameters, not modules
-    (:mod:`klora.mha`)."""
+    (:mod:`klora.mha`). ``shape``: the ``(out, in)`` of a Linear-like module that declares no
+    ``in_features``/``out_features`` (quantised Linears such as GGUF's or bitsandbytes' NF4 store a packed
+    weight, so only the host knows the logical shape); ignored for modules that declare them."""
 
     module: nn.Module
     rows: slice | None = None
     part: str | None = None
+    shape: tuple[int, int] | None = None
 
 
 class StepClock:
@@ -323,8 +326,8 @@ def _combine(a: _Path, b: _Path) -> _Path | _Sum:
 @dataclass(frozen=True)
 class Site:
     """What a delta must fit where it lands: the module kind, the weight shape (of the selected rows) and the
-    conv geometry. Sizes come from the module's declared features/channels, never from its stored weight
-    (packed for NF4 and GGUF)."""
+    conv geometry. Sizes come from the module's declared features/channels, or from the target's declared
+    ``shape``, never from its stored weight (packed for NF4 and GGUF)."""
 
     conv: bool
     shape: tuple[int, ...]  # (out, in) or (out, in, kh, kw); out counts the selected rows only
@@ -360,6 +363,11 @@ def site(key: str, target: Target) -> Site:
         conv = True
     elif isinstance(m, nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features")):
         out, inp = int(m.out_features), int(m.in_features)
+        geo, tail, conv = None, (), False
+    elif target.shape is not None:
+        if len(target.shape) != 2 or min(target.shape) <= 0:
+            raise ValueError(f"{key}: a Linear's shape must be (out, in), got {target.shape!r}")
+        out, inp = (int(d) for d in target.shape)
         geo, tail, conv = None, (), False
     else:
         raise ValueError(f"{key}: cannot hook a {type(m).__name__} (Linear or Conv2d expected)")

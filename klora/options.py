@@ -64,9 +64,19 @@ class FamilyDefaults:
 
 
 FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
-    # the official K-LoRA code's Flux path uses s* (its SDXL path s); Chroma is Flux's architecture
+    # The flow-matching DiTs use s*. The official K-LoRA code has one DiT path, Flux's, and it always takes
+    # S modulo alpha (inference_flux.py never passes the pattern on), so every DiT result of the authors was
+    # made with s*; its README recommends s* for Flux and its SDXL script switched its default to s* too.
+    # ComfyUI-ZQX's s for Qwen-Image and Z-Image is its generic default, untested on real models by its own
+    # account. Chroma is Flux's architecture; Z-Image, Lumina 2, Qwen-Image and Wan are flow-matching DiTs
+    # trained and sampled like Flux, for which s* is the only evidence there is (an extrapolation: no one has
+    # compared s and s* on them). SD UNets keep the paper's s.
     "flux": FamilyDefaults("Flux", {"pattern": "s*"}),
     "chroma": FamilyDefaults("Chroma", {"pattern": "s*"}),
+    "zimage": FamilyDefaults("Z-Image", {"pattern": "s*"}),
+    "lumina2": FamilyDefaults("Lumina 2", {"pattern": "s*"}),
+    "qwen-image": FamilyDefaults("Qwen-Image", {"pattern": "s*"}),
+    "wan": FamilyDefaults("Wan", {"pattern": "s*"}),
 }
 
 ValueType = Literal["bool", "name", "number", "choice", "gamma"]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from klora.keys import is_text_encoder, layer_order
+from klora.keys import DIT_FAMILIES, is_text_encoder, layer_order
 
 if TYPE_CHECKING:
     from klora.fusion import Plan
@@ -41,8 +41,10 @@ RULE = (175, 175, 175)
 
 
 def block_of(key: str) -> str:
-    """The block a canonical layer key belongs to: ``down 1``, ``mid``, ``up 2``, ``TE1``, ``TE2``; Flux
-    (component ``transformer``): ``double``, ``single``, ``in``, ``out``."""
+    """The block a canonical layer key belongs to: ``down 1``, ``mid``, ``up 2``, ``TE1``, ``TE2``; DiTs
+    (component ``transformer``): ``double``, ``single`` (Flux; Qwen-Image's blocks are double-stream too),
+    the block kinds of the other families (``context refiner``, ``noise refiner``, ``layers``; ``blocks``),
+    ``in``, ``out``."""
     component, _, path = key.partition("/")
     if component.startswith("te"):
         return component.upper()
@@ -51,7 +53,11 @@ def block_of(key: str) -> str:
             return "double"
         if re.match(r"(single_transformer_blocks|single_blocks)_\d+_", path):
             return "single"
-        return "out" if re.match(r"(norm_out|proj_out|final_layer)", path) else "in"  # embedders
+        for family in DIT_FAMILIES:
+            if m := family.block_re.match(path):
+                return m.group(1).replace("_", " ")
+        out = re.match(r"(norm_out|proj_out|final_layer|all_final_layer)", path)
+        return "out" if out else "in"  # embedders
     m = re.match(r"(down|up)_blocks_(\d+)_", path)
     if m:
         return f"{m.group(1)} {m.group(2)}"

@@ -40,6 +40,7 @@ from klora.apply import (
     cache_info,
     clear_cache,
     set_cache_size,
+    site,
 )
 from klora.delta import bias_delta, dense_delta
 from klora.formats import read_lora
@@ -721,6 +722,42 @@ def test_linear_and_1x1_conv_accept_each_other(tmp_path):
             with attached(plan, f, f, {"unet/p": Target(conv)}, StepClock()):
                 want = torch.nn.functional.conv2d(xc, conv.weight + dw[..., None, None], conv.bias)
                 torch.testing.assert_close(conv(xc), want)
+
+
+class _PackedLinear(nn.Module):
+    """A Linear-like module as quantised ops keep it (GGUF, bitsandbytes NF4): an ``nn.Module`` with a packed
+    weight and no ``in_features``/``out_features``; the forward unpacks."""
+
+    def __init__(self, dense: nn.Linear) -> None:
+        super().__init__()
+        self.packed = nn.Parameter(dense.weight.detach().reshape(-1, 1).clone())  # shape says nothing
+        self.bias = nn.Parameter(dense.bias.detach().clone())
+        self.logical = tuple(dense.weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.packed.reshape(self.logical), self.bias)
+
+
+def test_a_linear_without_declared_features_takes_the_targets_shape(tmp_path):
+    """GGUF/NF4 Linears declare no features: the host's shape places the delta (rows of a fused one too);
+    without it the module is refused, never guessed from the packed weight."""
+    torch.manual_seed(15)
+    dense = nn.Linear(8, 12)
+    packed = _PackedLinear(dense)
+    shapes = {"unet/q": (4, 8), "unet/k": (4, 8)}
+    c = read_lora(_write(tmp_path, "c", write_kohya, shapes, rank=2, seed=1))
+    s = read_lora(_write(tmp_path, "s", write_kohya, shapes, rank=3, seed=2))
+    plan = make_plan(c, s, FusionOptions(mode="merge"))
+    rows = {"unet/q": slice(0, 4), "unet/k": slice(4, 8)}
+    with pytest.raises(ValueError, match="cannot hook a _PackedLinear"):
+        attach(plan, c, s, {k: Target(packed, r) for k, r in rows.items()}, StepClock())
+    assert not packed._forward_hooks
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(15))
+    targets = {k: Target(packed, r, shape=(12, 8)) for k, r in rows.items()}
+    assert [site(k, t).shape for k, t in targets.items()] == [(4, 8), (4, 8)]
+    with torch.no_grad(), attached(plan, c, s, targets, StepClock()):
+        torch.testing.assert_close(packed(x), _merged_module(dense, plan, c, s, 0.0, rows)(x))
+    assert not packed._forward_hooks
 
 
 def test_missing_targets_are_reported_not_fatal(tmp_path):

@@ -555,8 +555,9 @@ def test_header_check_agrees_with_the_reader(bfl_flux):
 
 def test_a_file_with_blocks_flux_lacks_is_not_flux_even_at_flux_width(tmp_path):
     """Qwen-Image's blocks are ``transformer_blocks.N`` with Flux's attention names and width (3072) and also
-    modules Flux lacks (``img_mlp``, ``txt_mod``): such a file is another DiT's, read by the SD scheme (its
-    layers keep their module paths) rather than refused as a Flux file with unknown modules."""
+    modules Flux lacks (``img_mlp``, ``txt_mod``): such a file is another DiT's, read by the Qwen-Image scheme
+    (:mod:`klora.formats.dit`; diffusers names, the keys the diffusers pipeline's transformer has) rather than
+    refused as a Flux file with unknown modules."""
     shapes = {"transformer_blocks.0.attn.to_q": (3072, 3072),
               "transformer_blocks.0.img_mlp.net.2": (3072, 12288)}
     tensors = {}
@@ -566,8 +567,8 @@ def test_a_file_with_blocks_flux_lacks_is_not_flux_even_at_flux_width(tmp_path):
     assert not flux_format.looks_like_flux(_shapes(tensors))
     path = tmp_path / "qwen.safetensors"
     save_file(tensors, str(path))
-    assert set(read_lora(path).layers) == {"unet/transformer_blocks_0_attn_to_q",
-                                           "unet/transformer_blocks_0_img_mlp_net_2"}
+    assert set(read_lora(path).layers) == {"transformer/transformer_blocks_0_attn_to_q",
+                                           "transformer/transformer_blocks_0_img_mlp_net_2"}
     attention_only = {k: v for k, v in tensors.items() if "img_mlp" not in k}
     assert flux_format.looks_like_flux(_shapes(attention_only))  # indistinguishable from Flux: still Flux
 

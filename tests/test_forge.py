@@ -35,6 +35,7 @@ from klora.layers import layout
 from klora.webui import hosts as host
 from klora.webui import infotext
 from klora.webui.args import TITLE, KLoraArgs
+from klora.webui.hosts import backend
 from klora.webui.hosts import forge as forge_host
 
 HERE = Path(__file__).parent
@@ -119,28 +120,38 @@ def test_detect_with_the_real_import_system(monkeypatch):
 # The Forge double, the models and the LoRA files
 
 
-@pytest.fixture
-def fx(tmp_path, monkeypatch):
-    """The Forge double on sys.path, the adapter imported against it, callbacks and the tag registered the way
-    scripts/klora.py does, a LoRA folder; everything removed afterwards."""
-    _purge()
-    _put_on_path(monkeypatch)
+def wire(adapter, tmp_path: Path):
+    """The extension on ``adapter`` (a host) with its callbacks and the tag registered the way
+    scripts/klora.py does, against the double on sys.path, and an empty LoRA folder; returns both."""
     import networks
-    from backend.operations import ForgeOperations
-    from backend.sampling import sampling_function
-    from modules import extra_networks, processing, script_callbacks, sd_models, shared
-    from modules_forge import main_entry
+    from modules import extra_networks, script_callbacks, shared
 
     from klora.webui.extension import Extension, ExtraNetworkKLora
 
-    forge = Extension(forge_host.ForgeHost("2.0.1v1.10.1"))
+    extension = Extension(adapter)
     lora_dir = tmp_path / "Lora"
     lora_dir.mkdir()
     shared.cmd_opts.lora_dir = str(lora_dir)
     networks.list_available_networks()
-    script_callbacks.on_cfg_denoiser(forge.on_cfg_denoiser)
-    script_callbacks.on_script_unloaded(forge.on_script_unloaded)
+    script_callbacks.on_cfg_denoiser(extension.on_cfg_denoiser)
+    script_callbacks.on_script_unloaded(extension.on_script_unloaded)
     extra_networks.register_extra_network(ExtraNetworkKLora())
+    return extension, lora_dir
+
+
+def doubles(adapter, layers, tmp_path: Path, monkeypatch):
+    """The doubles of ``layers`` on sys.path (top first), the extension on the host ``adapter()`` made against
+    them and wired (:func:`wire`); yields what the tests use, and removes everything afterwards."""
+    _purge()
+    for layer in reversed(layers):
+        monkeypatch.syspath_prepend(str(layer))
+    import networks
+    from backend.operations import ForgeOperations
+    from backend.sampling import sampling_function
+    from modules import processing, script_callbacks, sd_models, sd_samplers_common, shared
+    from modules_forge import main_entry
+
+    forge, lora_dir = wire(adapter(), tmp_path)
     from klora.webui import session
 
     ns = SimpleNamespace(
@@ -150,6 +161,7 @@ def fx(tmp_path, monkeypatch):
         processing=processing,
         sd_models=sd_models,
         main_entry=main_entry,
+        samplers=sd_samplers_common,
         networks=networks,
         lora_dir=lora_dir,
         Linear=ForgeOperations.Linear,
@@ -162,6 +174,12 @@ def fx(tmp_path, monkeypatch):
         forge.on_script_unloaded()
         shared.state.interrupted = False
         _purge()
+
+
+@pytest.fixture
+def fx(tmp_path, monkeypatch):
+    """The Forge double (over the A1111 one) with the Forge host's extension (:func:`doubles`)."""
+    yield from doubles(lambda: forge_host.ForgeHost("2.0.1v1.10.1"), LAYERS, tmp_path, monkeypatch)
 
 
 class Script:
@@ -935,7 +953,7 @@ def test_forge_key_map_agrees_with_ours_on_real_flux_sizes(fx):
     assert len(canonical) == 19 * 14 + 38 * 6
     ours, missing = forge_host.build_targets(engine, canonical)
     assert missing == []
-    theirs = forge_host.forge_key_map_targets(engine, canonical)
+    theirs = backend.key_map_targets(engine, canonical, ("lora_unet_", "lora_transformer_"))
     assert set(theirs) == set(ours)
     for key in canonical:
         assert ours[key].module is theirs[key].module, key
@@ -959,6 +977,39 @@ def test_sdxl_text_encoders_are_clip_l_and_clip_g(fx):
     assert _target_shape(targets[keys_[1]]) == (32, 32)
     assert missing == [keys_[2]]
     assert forge_host.ForgeHost().family(engine) == "sdxl"
+
+
+@pytest.mark.parametrize("ops", ["ForgeOperationsGGUF", "ForgeOperationsBNB4bits"])
+def test_quantised_linears_are_placed_by_their_logical_shape(fx, tmp_path, ops):
+    """GGUF and NF4 Linears declare no in/out features and store a packed weight (backend/operations*.py):
+    placed by their logical shape, their hooked outputs equal a plain Linear's with the delta merged in."""
+    import backend.operations as operations
+
+    from klora.fusion import make_plan
+    from klora.options import FusionOptions
+
+    deltas = _write_sd_pair(tmp_path, te=False)
+    content, style = (read_lora(tmp_path / f"{n}.safetensors") for n in ("dog", "watercolor"))
+    plan = make_plan(content, style, FusionOptions(mode="merge"))
+    torch.manual_seed(3)
+    quantised = TinySgmUNet(getattr(operations, ops).Linear)
+    torch.manual_seed(3)
+    dense = TinySgmUNet(fx.Linear)
+    linear = [(n.replace(".", "_"), sgm, shape) for n, sgm, shape in SD_LAYERS if len(shape) == 2]
+    engine = SimpleNamespace(forge_objects=SimpleNamespace(
+        unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=quantised)), clip=None))
+    targets, missing = forge_host.build_targets(engine, [f"unet/{k}" for k, _, _ in linear])
+    assert missing == []
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), apply.attached(plan, content, style, targets, apply.StepClock()):
+        for key, sgm, shape in linear:
+            target = targets[f"unet/{key}"]
+            assert target.module is quantised.get_submodule(sgm) and _target_shape(target) == shape
+            ref = dense.get_submodule(sgm)
+            w = ref.weight + deltas["content"][f"unet/{key}"] + deltas["style"][f"unet/{key}"]
+            inp = x[..., : shape[1]]
+            torch.testing.assert_close(target.module(inp), torch.nn.functional.linear(inp, w, ref.bias))
+    assert _hooks_left(quantised) == 0
 
 
 def test_forge_key_map_fallback_places_what_we_do_not(fx):

@@ -1,7 +1,8 @@
 """Read LoRA files into canonical layers: one reader, several naming schemes.
 
 ``read_lora(path)`` reads a ``.safetensors`` file (never a pickle, :mod:`klora.formats.container`), picks the
-naming scheme that claims it (:mod:`klora.formats.flux`, else :mod:`klora.formats.sd`), splits every tensor
+naming scheme that claims it (:mod:`klora.formats.dit` for Z-Image, Qwen-Image and Wan,
+:mod:`klora.formats.flux`, else :mod:`klora.formats.sd`), splits every tensor
 name into (layer, role) by the kinds' suffixes (:mod:`klora.kinds`), refuses what it cannot read faithfully
 (with the file, the tensor and the reason), checks every float for NaN/Inf, builds each layer through its kind
 (alpha from the file's ``.alpha`` tensor, else from PEFT metadata, :mod:`klora.formats.peft`) and lets the
@@ -16,7 +17,6 @@ None for full layers.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +25,20 @@ import torch
 
 from klora import keys, kinds
 from klora.formats import container
+from klora.formats.dit import DitScheme
 from klora.formats.flux import FluxScheme
 from klora.formats.peft import PeftConfig
-from klora.formats.scheme import Scheme, Split
+from klora.formats.scheme import Scheme, Split, split_tensor_name
 from klora.formats.sd import SdScheme
 from klora.keys import sd as sd_keys
 from klora.layers import LoraFile, LoraFormatError, LoraLayer
 
 __all__ = ["SCHEMES", "LoraFile", "LoraFormatError", "LoraLayer", "read_lora"]
 
-SCHEMES: tuple[Scheme, ...] = (FluxScheme(), SdScheme())
-"""Tried in order; the first that claims a file reads it (the SD scheme claims every file)."""
+SCHEMES: tuple[Scheme, ...] = (*(DitScheme(family) for family in keys.DIT_FAMILIES), FluxScheme(), SdScheme())
+"""Tried in order; the first that claims a file reads it (the SD scheme claims every file). The DiT families'
+schemes claim only by names no other family has, so they go first; a Qwen-Image file with attention layers
+only is read by the Flux scheme, which gives its layers the same canonical keys."""
 
 # Tensor names of kinds we refuse in every scheme: suffix → what it is.
 _UNSUPPORTED: tuple[tuple[str, str], ...] = (
@@ -60,8 +63,6 @@ _UNSUPPORTED: tuple[tuple[str, str], ...] = (
 )
 _SUPPORTED_TEXT = "K-LoRA reads LoRA/LoCon, LoHa, LoKr and full (diff) layers"
 _IGNORED_PREFIXES = ("bundle_emb.",)  # textual-inversion embeddings bundled by kohya: not layer deltas
-# PEFT with a named adapter: `….lora_A.default.weight`.
-_PEFT_NAMED_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])\.[A-Za-z0-9_]+\.weight$")
 
 
 def _unsupported(name: str, shape: list[int]) -> str | None:
@@ -80,15 +81,11 @@ def _split(scheme: Scheme, name: str) -> tuple[Split, str] | None:
     split = scheme.split(name)
     if split is not None:
         return split, "lora"
-    for suffix, kind, role in kinds.SUFFIXES:
-        if name.endswith(suffix):
-            return Split(name[: -len(suffix)], role), kind
-    if name.endswith(".alpha"):
-        return Split(name[: -len(".alpha")], "alpha"), ""
-    m = _PEFT_NAMED_RE.match(name)
-    if m:
-        return Split(m["mod"], "down" if m["ab"] == "A" else "up"), "lora"
-    return None
+    found = split_tensor_name(name)
+    if found is None:
+        return None
+    module, kind, role = found
+    return Split(module, role), kind
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """Flux file spellings → canonical Flux layers (see :mod:`klora.keys.flux` for the canonical names).
 
 Read: diffusers/PEFT (``transformer.`` + diffusers names, ``lora_A``/``lora_B``), kohya/sd-scripts
-(``lora_unet_double_blocks_0_img_attn_qkv``), BFL-native (``[diffusion_model.]double_blocks.0.img_attn.qkv``),
-OneTrainer (``lora_transformer_``), SimpleTuner LyCORIS-LoRA (``lycoris_``) and XLabs
+(``lora_unet_double_blocks_0_img_attn_qkv``), BFL-native (``[diffusion_model.]double_blocks.0.img_attn.qkv``,
+and Forge Neo's ``single_blocks.N.linear1_qkv`` for the q, k, v rows of ``linear1`` only), OneTrainer
+(``lora_transformer_``), SimpleTuner LyCORIS-LoRA (``lycoris_``) and XLabs
 (``double_blocks.0.processor.qkv_lora1``; no alpha, scale 1); text encoders ``text_encoder.``/``lora_te1_``
-(CLIP-L, ``te1``) and ``text_encoder_2.``/``lora_te3_``/``lora_te2_encoder_…`` (T5-XXL, ``te3``).
+(CLIP-L, ``te1``), ``text_encoder_2.``/``lora_te3_``/``lora_te2_encoder_…`` and, for Chroma (T5 only, which
+Neo numbers first), ``lora_te1_encoder_…`` (T5-XXL, ``te3``), and ComfyUI's ``text_encoders.<encoder>.…``.
 
 A layer of a fused BFL module (``img_attn.qkv``, ``txt_attn.qkv``, ``linear1``) is split into the diffusers
 row slices (q, k, v, proj_mlp): the up matrix's rows are divided, the down matrix is shared, alpha and rank
@@ -21,8 +23,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from klora import kinds
-from klora.formats.scheme import Located, Scheme, Split
+from klora.formats.dit import denoiser_path
+from klora.formats.scheme import (
+    Located,
+    Scheme,
+    Split,
+    host_text_encoder,
+    peft_location,
+    split_rows,
+    split_tensor_name,
+)
 from klora.keys import flux as fk
 from klora.layers import LoraFormatError, LoraLayer
 
@@ -68,6 +78,8 @@ def _transformer(name: str) -> Located | None:
             i, sub = m.groups()
             if sub in fused:
                 return Located(c, name, how="fused")
+            if sub == "linear1_qkv" and blocks == "single_transformer_blocks":
+                return Located(c, f"single_blocks_{i}_linear1", how="qkv3")
             return Located(c, f"{blocks}_{i}_{plain[sub]}") if sub in plain else None
     if name in fk.TOP:
         return Located(c, name)
@@ -96,34 +108,26 @@ def _resolve(module: str) -> Located | None:
         if proc == "proj_lora":
             return Located(c, f"single_transformer_blocks_{i}_proj_out")
         return None
+    if (te := host_text_encoder(module)) is not None:
+        return te
     if (rest := _strip(module, "text_encoder.")) is not None:
         return Located("te1", rest.replace(".", "_"))
     if (rest := _strip(module, "text_encoder_2.")) is not None:
         return Located("te3", rest.replace(".", "_"))
     if (rest := _strip(module, "lora_te1_")) is not None:
-        return Located("te1", rest)
+        return Located("te3" if rest.startswith("encoder_") else "te1", rest)
     if (rest := _strip(module, "lora_te3_")) is not None:
         return Located("te3", rest)
     if (rest := _strip(module, "lora_te2_")) is not None:
         # Forge maps lora_te2_ to T5 for Flux (OneTrainer writes T5 there); CLIP-L is te1.
         return Located("te3", rest) if rest.startswith("encoder_") else None
-    return _transformer(_transformer_path(module))
-
-
-def _transformer_path(module: str) -> str:
-    """A file's module spelling below the transformer, underscored (prefixes of every spelling removed)."""
-    rest = _strip(module, "lora_unet_", "lora_transformer_", "lycoris_")
-    if rest is None:
-        rest = _strip(module, "base_model.model.", "model.diffusion_model.", "diffusion_model.",
-                      "transformer.")
-        rest = (rest if rest is not None else module).replace(".", "_")
-    return rest
+    return _transformer(denoiser_path(module))
 
 
 def _foreign_block(module: str) -> bool:
     """A ``transformer_blocks.N`` module that Flux's double blocks do not have (Qwen-Image's ``img_mlp``,
     ``txt_mod``): the file is another DiT's even where its attention has Flux's names and width."""
-    m = fk.RE_DIFF_DOUBLE.match(_transformer_path(module))
+    m = fk.RE_DIFF_DOUBLE.match(denoiser_path(module))
     return m is not None and m.group(2) not in fk.DOUBLE
 
 
@@ -143,10 +147,8 @@ def _split_suffix(name: str) -> tuple[str, str] | None:
     split = FluxScheme().split(name)
     if split is not None:
         return split.file_key, split.role
-    for suffix, kind, role in kinds.SUFFIXES:
-        if kind == "lora" and name.endswith(suffix):
-            return name[: -len(suffix)], role
-    return None
+    found = split_tensor_name(name)
+    return (found[0], found[2]) if found is not None and found[1] == "lora" else None
 
 
 def looks_like_flux(shapes: Mapping[str, Sequence[int]]) -> bool:
@@ -183,8 +185,7 @@ class FluxScheme(Scheme):
         located = _resolve(file_key)
         if located is None:
             return None
-        prefix = next((p for p in _PEFT_PREFIXES if file_key.startswith(p + ".")), "")
-        peft_module = file_key[len(prefix) + 1:] if prefix else ""
+        prefix, peft_module = peft_location(file_key, _PEFT_PREFIXES)
         return Located(located.component, located.module, prefix, peft_module, located.how)
 
     def finish(self, layer: LoraLayer, located: Located, path: str) -> list[LoraLayer]:
@@ -203,7 +204,7 @@ def split_fused_layer(layer: LoraLayer, path: str = "", qkv_only: bool = False) 
     """A fused-module layer (``double_blocks_N_img_attn_qkv``, ``…_txt_attn_qkv``,
     ``single_blocks_N_linear1``) as its diffusers row slices (``qkv_only``: XLabs' single-block qkv LoRA,
     which covers only the first 3H rows of ``linear1``)."""
-    component, _, name = layer.key.partition("/")
+    name = layer.key.partition("/")[2]
     hidden, rows = layer.shape[1], layer.shape[0]
     where = path or layer.key
     if m := fk.RE_BFL_DOUBLE.match(name):
@@ -227,11 +228,5 @@ def split_fused_layer(layer: LoraLayer, path: str = "", qkv_only: bool = False) 
             sizes = [hidden] * 3 + [rows - 3 * hidden]
     else:
         raise ValueError(f"{layer.key} is not a fused Flux module")
-    kind = kinds.of(layer)
-    out, start = [], 0
-    for child, size in zip(names, sizes, strict=True):
-        rows_slice = slice(start, start + size)
-        start += size
-        out.append(kind.rows(layer, rows_slice, f"{component}/{prefix}_{block}_{child}",
-                             f"{layer.file_key}[{rows_slice.start}:{rows_slice.stop}]"))
-    return out
+    return split_rows(layer, [(f"{prefix}_{block}_{child}", size)
+                              for child, size in zip(names, sizes, strict=True)])

@@ -1,13 +1,34 @@
 """What a naming scheme tells the reader: which files it claims, extra tensor-name forms, what it refuses,
 where a file key lands (component and module), and the last touch on a built layer (e.g. splitting a fused
-layer into the per-projection layers the canonical keys name)."""
+layer into the per-projection layers the canonical keys name). Also the pieces several schemes share: the
+generic split of a tensor name, the text-encoder spelling of ComfyUI-derived hosts, the PEFT location of a
+file key and the row split of a fused layer."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from klora import kinds
 from klora.layers import LoraLayer
+
+PEFT_NAMED_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])\.[A-Za-z0-9_]+\.weight$")
+"""PEFT with a named adapter: ``….lora_A.default.weight``."""
+
+
+def split_tensor_name(name: str) -> tuple[str, str, str] | None:
+    """(module, kind, role) of a tensor name by the kinds' suffixes and PEFT's named-adapter form; kind ""
+    for ``.alpha``; None for other names."""
+    for suffix, kind, role in kinds.SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], kind, role
+    if name.endswith(".alpha"):
+        return name[: -len(".alpha")], "", "alpha"
+    m = PEFT_NAMED_RE.match(name)
+    if m:
+        return m["mod"], "lora", "down" if m["ab"] == "A" else "up"
+    return None
 
 
 @dataclass(frozen=True)
@@ -18,6 +39,47 @@ class Split:
     file_key: str
     role: str
     module: str = ""
+
+
+_HOST_TEXT_ENCODERS = {"clip_l": "te1", "clip_g": "te2", "t5xxl": "te3", "umt5xxl": "te3"}
+
+
+def host_text_encoder(file_key: str) -> Located | None:
+    """ComfyUI's and Forge Neo's text-encoder spelling, ``text_encoders.<encoder>.<module path>``
+    (``model_lora_keys_clip``): CLIP-L, CLIP-G and (U)MT5-XXL land on the components ``te1``, ``te2``,
+    ``te3`` with the HF path below their ``transformer.``; any other encoder (``qwen3``, ``qwen25_7b`` …) on
+    ``te_<encoder>`` with its own path. None for other keys."""
+    if not file_key.startswith("text_encoders."):
+        return None
+    encoder, _, path = file_key[len("text_encoders."):].partition(".")
+    if not encoder or not path:
+        return None
+    component = _HOST_TEXT_ENCODERS.get(encoder)
+    if component is None:
+        return Located(f"te_{encoder}", path)
+    return Located(component, path.removeprefix("transformer."))
+
+
+def peft_location(file_key: str, prefixes: Sequence[str]) -> tuple[str, str]:
+    """(PEFT metadata prefix, dotted module path below it) of a file key under one of ``prefixes``
+    (``transformer`` …), or ("", "") for keys under none."""
+    prefix = next((p for p in prefixes if file_key.startswith(p + ".")), "")
+    return prefix, file_key[len(prefix) + 1:] if prefix else ""
+
+
+def split_rows(layer: LoraLayer, children: Sequence[tuple[str, int]]) -> list[LoraLayer]:
+    """A fused-module layer as its children: consecutive output-row slices of the given sizes, each under its
+    canonical key (``component/child``); the kind splits its tensors (:meth:`klora.kinds.base.Kind.rows`), so
+    each child's delta is exactly those rows of the fused delta, alpha and rank kept."""
+    component = layer.key.partition("/")[0]
+    kind = kinds.of(layer)
+    out, start = [], 0
+    for child, size in children:
+        rows = slice(start, start + size)
+        start += size
+        where = f"{layer.file_key}[{rows.start}:{rows.stop}]"
+        out.append(kind.rows(layer, rows, f"{component}/{child}", where))
+    return out
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,15 @@
 ``lora_te2_``, diffusers or SGM block names), old diffusers (``<module>.lora.down.weight`` under
 ``unet.unet.``, ``unet.`` or nothing, ``text_encoder.…lora_linear_layer``, attention processors
 ``….processor.to_q_lora``), PEFT (``lora_A``/``lora_B`` under ``unet.``/``text_encoder.``/
-``text_encoder_2.``/``transformer.``, ``base_model.model.``) and LyCORIS (``lycoris_``)."""
+``text_encoder_2.``/``transformer.``, ``base_model.model.``), LyCORIS (``lycoris_``) and ComfyUI's
+text-encoder spelling (``text_encoders.clip_l.…``)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
 
-from klora.formats.scheme import Located, Scheme, Split
+from klora.formats.scheme import Located, Scheme, Split, host_text_encoder
 
 # diffusers attention-processor LoRA: `<attn>.processor.to_q_lora.down.weight`; text encoders
 # `self_attn.to_q_lora.down.weight`.
@@ -51,7 +52,11 @@ class SdScheme(Scheme):
 
     def locate(self, file_key: str, module: str) -> Located:
         """The path is dotted for diffusers/PEFT keys (as PEFT's ``alpha_pattern`` matches it) and flattened
-        for kohya keys; :func:`klora.keys.canonical_key` accepts both."""
+        for kohya keys; :func:`klora.keys.canonical_key` accepts both. ComfyUI's and Forge Neo's
+        ``text_encoders.clip_l.…`` spelling lands on the same text-encoder keys."""
+        te = host_text_encoder(file_key)
+        if te is not None:
+            return te
         for prefix, comp in _KOHYA_PREFIXES:
             if file_key.startswith(prefix):
                 return Located(comp, file_key[len(prefix):])

@@ -100,11 +100,28 @@ def panel_defaults() -> KLoraArgs:
         return KLoraArgs()
 
 
+def make_warnings_visible(logger: logging.Logger = log) -> None:
+    """Let K-LoRA's warnings reach the console on hosts whose root logger drops them (Forge Neo sets it to
+    ERROR unless ``SD_WEBUI_LOG_LEVEL`` is set): the ``klora`` logger passes warnings to the root's handlers
+    itself. (What a generation warns is also in the infotext and under the images.)"""
+    if logger.getEffectiveLevel() > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+
+
 class Extension:
-    """K-LoRA on one host. The methods named after script hooks take the script's ``args``."""
+    """K-LoRA on one host. The methods named after script hooks take the script's ``args``. ``notices``: what
+    went wrong outside any generation (the API check or the XYZ axes not installed …), shown by Analyze."""
 
     def __init__(self, host: Host) -> None:
         self.host = host
+        self.notices: list[str] = []
+        make_warnings_visible()
+
+    def notice(self, message: str) -> None:
+        """A warning outside any generation: the console, and Analyze's summary."""
+        log.warning(message)
+        if message not in self.notices:
+            self.notices.append(message)
 
     # -- the script's hooks ----------------------------------------------------------------------
 
@@ -182,7 +199,7 @@ class Extension:
             try:
                 image = selection_map(setup.plan, int(p.steps), setup.args)
             except Exception as err:  # the map is an extra; never fail the generation for it
-                log.warning("K-LoRA: could not draw the selection map: %s", err)
+                self.notice(f"K-LoRA: could not draw the selection map: {err}")
             else:
                 processed.images.append(image)
                 infotexts = getattr(processed, "infotexts", None)
@@ -199,7 +216,7 @@ class Extension:
             session.sweep(keep=s)  # hooks of a session not sampling now must not touch this sampling
         if s is None or s.setup is None or s.refiner_off:
             return
-        if s.model_switched():
+        if s.model_switched() and not s.follow_switch():
             s.refiner_off = True
             s.detach()
             s.note("not applied after the switch to the refiner")
@@ -216,7 +233,7 @@ class Extension:
         try:
             api.install_api_validation(app, name_exists=loras.lora_exists)
         except Exception as err:  # K-LoRA works without it; bad args then only warn with the image
-            log.warning("K-LoRA: API argument check not installed: %s", err)
+            self.notice(f"K-LoRA: API argument check not installed: {err}")
 
     def on_script_unloaded(self) -> None:
         for s in session.attached_sessions():
@@ -230,7 +247,7 @@ class Extension:
         try:
             xyz.register_axes(loras.lora_names)
         except Exception as err:  # the XYZ script may be missing or changed; K-LoRA works without its axes
-            log.warning("K-LoRA: XYZ plot axes not added: %s", err)
+            self.notice(f"K-LoRA: XYZ plot axes not added: {err}")
 
     def on_ui_settings(self) -> None:
         """Settings → K-LoRA: panel defaults and the score cache size."""
@@ -292,6 +309,7 @@ class Extension:
                 log.debug("K-LoRA: coverage check failed: %s", err)
         if note:
             lines.append(f"({note})")
+        lines.extend(self.notices)
         return selection_map(plan, steps, args), "```\n" + "\n\n".join(lines) + "\n```"
 
     def build_ui(self, script: Any, is_img2img: bool, tab: panel.TabComponents | None = None) -> list[Any]:

@@ -62,7 +62,8 @@ class Setup:
     te_keys: list[str]
     unet_keys: list[str]
     note: str | None = None  # what the model family's defaults changed (infotext)
-    checkpoint: Any = None  # the model's sd_checkpoint_info when the setup was made
+    checkpoint: Any = None  # the checkpoint the model held when the setup was made (Host.loaded_checkpoint)
+    expert: str | None = None  # a second expert's checkpoint this setup continues on (Host.expert_pair)
     warnings: list[str] = field(default_factory=list)  # what preparing it warned (said again per batch)
 
 
@@ -83,7 +84,9 @@ class Session:
             self.panel = from_script_args(list(script_args))
         except KLoraArgsError as err:
             self.panel_error = str(err)
-        self.base_checkpoint = getattr(shared.sd_model, "sd_checkpoint_info", None)
+        self.base_checkpoint = host.loaded_checkpoint(p, shared.sd_model)
+        self.tag_params: list[Any] | None = None  # of the last activation (for a switch none announced)
+        self.prompt_loras: tuple[str, ...] = ()
         self.setup: Setup | None = None  # for the current pass; None = K-LoRA off
         self.batch_setup: Setup | None = None  # what the current batch applied (infotext of its images)
         self.last_setup: Setup | None = None  # the last one that applied (for the map)
@@ -110,10 +113,22 @@ class Session:
     def model_switched(self) -> bool:
         """Whether the loaded model is not the one the setup was made for: another object, or the same object
         with another checkpoint loaded into it (modules/sd_models.py ``reload_model_weights`` loads a
-        checkpoint of the same architecture in place, e.g. a same-family refiner)."""
+        checkpoint of the same architecture in place, e.g. a same-family refiner; Neo's fast refiner loads
+        the weights alone, :meth:`Host.loaded_checkpoint`)."""
         setup, model = self.setup, shared.sd_model
         return (setup is None or model is not setup.model
-                or getattr(model, "sd_checkpoint_info", None) != setup.checkpoint)
+                or self.host.loaded_checkpoint(self.p, model) != setup.checkpoint)
+
+    def follow_switch(self) -> bool:
+        """A model switch seen first by the denoiser (no activation announced it, e.g. extra networks off):
+        activate again when the host continues K-LoRA on the new checkpoint (Wan 2.2's second expert);
+        whether K-LoRA applies to the model now loaded."""
+        setup = self.setup
+        if setup is None or self.host.expert_pair(self.p, shared.sd_model, setup.args.content,
+                                                  setup.args.style) is None:
+            return False
+        self.activate(self.tag_params, self.prompt_loras)
+        return self.setup is not None and not self.model_switched()
 
     def wanted_parts(self) -> set[str]:
         if self.setup is None or self.refiner_off or self.model_switched():
@@ -214,6 +229,8 @@ class Session:
             return
         params = p.extra_generation_params
         setup = self.setup or self.batch_setup
+        if setup is not None and setup.expert is not None and self.batch_setup is not None:
+            setup = self.batch_setup  # the pair the user chose; a second expert's pair is a note
         if setup is None:
             params.pop(infotext.INFOTEXT_KEY, None)
             params.pop(infotext.INFOTEXT_HASHES_KEY, None)
@@ -242,8 +259,11 @@ class Session:
 
     def activate(self, tag_params: list[Any] | None, prompt_loras: Iterable[str] = ()) -> None:
         """Resolve the arguments of this activation and prepare (not attach) what K-LoRA applies.
-        ``prompt_loras``: the names of the prompt's ``<lora:…>`` tags."""
+        ``prompt_loras``: the names of the prompt's ``<lora:…>`` tags. On a checkpoint other than the one the
+        generation started with, K-LoRA continues with the pair the host names for it (Wan 2.2's low-noise
+        expert) or is off."""
         p = self.p
+        self.tag_params, self.prompt_loras = tag_params, tuple(prompt_loras)
         if not getattr(p, "is_hr_pass", False) and getattr(p, "iteration", 0) != self._batch:
             self._new_batch()
         self.refiner_off = False  # the model is switched back to the base at the start of each pass
@@ -264,17 +284,22 @@ class Session:
             self.fail(str(err) if str(err).startswith("K-LoRA") else f"K-LoRA: {err}")
             return
         model = shared.sd_model
-        info = getattr(model, "sd_checkpoint_info", None)
+        info = self.host.loaded_checkpoint(p, model)
+        expert = None
         if self.base_checkpoint is not None and info is not None and info != self.base_checkpoint:
-            # a hires checkpoint, or the refiner kept loaded: the LoRAs were chosen for the base model
-            self.off(f"not applied on {getattr(info, 'short_title', None) or 'another checkpoint'}")
-            return
+            title = getattr(info, "short_title", None) or "another checkpoint"
+            pair = self.host.expert_pair(p, model, args.content, args.style)
+            if pair is None:
+                # a hires checkpoint, or the refiner kept loaded: the LoRAs were chosen for the base model
+                self.off(f"not applied on {title}")
+                return
+            args, expert = replace(args, content=pair[0], style=pair[1]), title
         seed = int(p.seeds[0]) if args.mode == "random" and getattr(p, "seeds", None) else 0
-        key = (args, args.given, from_tag is not None, seed, id(model), tuple(prompt_loras))
+        key = (args, args.given, from_tag is not None, seed, id(model), info, tuple(prompt_loras))
         if key == self._key and self.setup is not None:
             for message in self.setup.warnings:
                 self.warn(message)
-            self.batch_setup = self.setup
+            self.keep_for_batch(self.setup)
             self.write_infotext()
             self.sync()
             return
@@ -295,16 +320,26 @@ class Session:
             self.fail(f"K-LoRA: cannot apply {args.content} × {args.style} to this model "
                       f"({type(err).__name__}: {err})")
             return
-        setup.checkpoint = info
+        setup.checkpoint, setup.expert = info, expert
         setup.warnings = self._emitted[mark:]
         self.detach()  # hooks of another plan must not stay
-        self.setup = self.batch_setup = self.last_setup = setup
+        self.setup = self.last_setup = setup
+        self.keep_for_batch(setup)
         self._key = key
         if setup.te_keys and not self._private_conds:
             private_cond_caches(p)
             self._private_conds = True
+        if expert is not None:
+            self.note(f"on {expert}: content {setup.args.content}, style {setup.args.style}")
         self.write_infotext()
         self.sync()
+        if expert is not None and "all" in self.windows and self.parts:
+            self.host.before_sampling(p, setup)  # the expert samples the rest of this pass
+
+    def keep_for_batch(self, setup: Setup) -> None:
+        """What the batch's infotext states: the pair the user chose, not a second expert's (a note)."""
+        if setup.expert is None or self.batch_setup is None:
+            self.batch_setup = setup
 
     def prepare(self, args: KLoraArgs, from_tag: bool, seed: int, model: Any,
                 prompt_loras: Iterable[str] = ()) -> Setup:

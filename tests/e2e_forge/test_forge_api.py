@@ -1,10 +1,15 @@
-"""End-to-end checks against a running Forge (lllyasviel/stable-diffusion-webui-forge) over its HTTP API.
+"""End-to-end checks against a running Forge (lllyasviel/stable-diffusion-webui-forge) or Forge Neo over its
+HTTP API.
 
-Skipped unless ``KLORA_WEBUI_URL`` names a running webui started with ``--api`` and that webui is Forge
-(its options carry Forge's ``forge_preset``). The server needs two LoRAs that fit its loaded model: named by
-``KLORA_E2E_CONTENT`` and ``KLORA_E2E_STYLE``, or else the first two its ``/sdapi/v1/loras`` lists.
-Generations are small (64×64, 4 steps, fixed seeds) so a CPU server answers in seconds. Only the standard
-library and Pillow are used.
+Skipped unless ``KLORA_WEBUI_URL`` names a running webui started with ``--api`` and that webui is Forge or
+Forge Neo (its options carry ``forge_preset``). The server needs two LoRAs that fit its loaded model: named by
+``KLORA_E2E_CONTENT`` and ``KLORA_E2E_STYLE``, or else the first two its ``/sdapi/v1/loras`` lists;
+``KLORA_E2E_CONTENT_ALT``/``KLORA_E2E_STYLE_ALT`` name a second pair in another file spelling (e.g. Z-Image's
+diffusers and Neo-native names), checked the same way. ``KLORA_E2E_CFG`` sets the CFG scale (default 5; the
+distilled DiTs want 1), ``KLORA_E2E_PAYLOAD`` a JSON object of request fields added to every request (e.g.
+``{"scheduler": "Simple"}`` for Flux), ``KLORA_E2E_FAMILY_NOTE`` the family-default note the infotext must
+carry (e.g. ``Z-Image default pattern s*``). Generations are small (64×64, 4 steps, fixed seeds) so a CPU
+server answers in seconds. Only the standard library and Pillow are used.
 
 Run: ``KLORA_WEBUI_URL=http://127.0.0.1:7860 python -m pytest tests/e2e_forge -q``
 """
@@ -24,6 +29,9 @@ import pytest
 
 URL = os.environ.get("KLORA_WEBUI_URL", "").rstrip("/")
 TIMEOUT = float(os.environ.get("KLORA_E2E_TIMEOUT", "600"))
+CFG = float(os.environ.get("KLORA_E2E_CFG", "5"))
+EXTRA = json.loads(os.environ.get("KLORA_E2E_PAYLOAD", "{}"))  # e.g. a Flux model's {"scheduler": "Simple"}
+FAMILY_NOTE = os.environ.get("KLORA_E2E_FAMILY_NOTE", "")
 SCRIPT = "K-LoRA"
 
 pytestmark = pytest.mark.skipif(not URL, reason="KLORA_WEBUI_URL is not set (no running webui to test)")
@@ -66,11 +74,16 @@ def server() -> dict:
         content, style = found[0], found[1]
     status, first = _call("POST", "/sdapi/v1/txt2img", _payload())  # before any K-LoRA run of this module
     assert status == 200, f"txt2img failed: {status} {first}"
+    pairs = [(content, style)]
+    alt = os.environ.get("KLORA_E2E_CONTENT_ALT"), os.environ.get("KLORA_E2E_STYLE_ALT")
+    if alt[0] and alt[1]:
+        pairs.append((alt[0], alt[1]))
     return {
         "plain": first["images"][0],
         "options": options,
         "content": content,
         "style": style,
+        "pairs": pairs,
         "flux": str(options.get("forge_preset", "")).lower() == "flux",
     }
 
@@ -83,11 +96,12 @@ def _payload(prompt: str = "a photo of a dog", klora: Any = None, **extra) -> di
         "width": 64,
         "height": 64,
         "seed": 1234,
-        "cfg_scale": 5,
+        "cfg_scale": CFG,
         "sampler_name": "Euler",
         "batch_size": 1,
         "n_iter": 1,
     }
+    payload.update(EXTRA)
     if klora is not None:
         payload["alwayson_scripts"] = {SCRIPT: {"args": [klora]}}
     payload.update(extra)
@@ -125,6 +139,10 @@ def _pair(server: dict, **fields) -> dict:
     return {"enabled": True, "content": server["content"], "style": server["style"], **fields}
 
 
+def _mean_abs_diff(a: bytes, b: bytes) -> float:
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+
+
 def test_klora_changes_the_image_and_writes_the_infotext(server):
     plain = _txt2img(_payload())
     fused = _txt2img(_payload(klora=_pair(server)))
@@ -134,6 +152,8 @@ def test_klora_changes_the_image_and_writes_the_infotext(server):
     assert _pixels(plain["images"][0]) != _pixels(fused["images"][0])
     if server["flux"]:
         assert "pattern: s*" in field and "Flux default" in field
+    if FAMILY_NOTE:
+        assert FAMILY_NOTE in field, field
     # PNG Info reads the field back from the image
     image = "data:image/png;base64," + fused["images"][0]
     status, png = _call("POST", "/sdapi/v1/png-info", {"image": image})
@@ -149,10 +169,32 @@ def test_content_alone_equals_forges_own_lora(server):
     ours = _txt2img(_payload(klora=_pair(server, mode="merge", style_strength=0.0)))
     assert "mode: merge" in (_klora_field(ours) or "")
     a, b, c = (_pixels(x["images"][0]) for x in (plain, builtin, ours))
-    by_lora = sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
-    off = sum(abs(x - y) for x, y in zip(b, c, strict=True)) / len(b)
+    by_lora, off = _mean_abs_diff(a, b), _mean_abs_diff(b, c)
     assert by_lora > 1.0, "the content LoRA does not change the image; pick LoRAs that do"
     assert off < 0.05 * by_lora, (off, by_lora)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["pair", "alt-spelling pair"])
+def test_merge_equals_the_hosts_two_lora_tags_and_klora_differs(server, which):
+    """mode=merge adds both deltas at every step: the image two ``<lora>`` tags make, through the host's own
+    loader (every layer on the same module and rows); K-LoRA proper picks one per layer and step and so makes
+    another image. For each file spelling of the server's pairs."""
+    if which >= len(server["pairs"]):
+        pytest.skip("no second pair (KLORA_E2E_CONTENT_ALT / KLORA_E2E_STYLE_ALT)")
+    content, style = server["pairs"][which]
+    args = {"enabled": True, "content": content, "style": style}
+    plain = _pixels(_txt2img(_payload())["images"][0])
+    tags = _txt2img(_payload(prompt=f"a photo of a dog <lora:{content}:1> <lora:{style}:1>"))
+    merged = _txt2img(_payload(klora={**args, "mode": "merge"}))
+    fused = _txt2img(_payload(klora=args))
+    assert "mode: merge" in (_klora_field(merged) or "") and "mode: klora" in (_klora_field(fused) or "")
+    for body in (merged, fused):
+        assert "K-LoRA warning" not in (_info(body).get("extra_generation_params") or {}), _info(body)
+    b, m, f = (_pixels(x["images"][0]) for x in (tags, merged, fused))
+    by_tags = _mean_abs_diff(plain, b)
+    assert by_tags > 1.0, "the two LoRAs do not change the image; pick LoRAs that do"
+    assert _mean_abs_diff(b, m) < 0.05 * by_tags, (_mean_abs_diff(b, m), by_tags)
+    assert _mean_abs_diff(m, f) > 0.05 * by_tags and _mean_abs_diff(plain, f) > 0.05 * by_tags
 
 
 def test_the_tag_works_without_the_panel(server):
@@ -162,6 +204,13 @@ def test_the_tag_works_without_the_panel(server):
     assert field and "mode: merge" in field and "source: tag" in field
 
 
+def _hires_upscaler() -> str:
+    """A latent upscaler when the host has one (Forge), else "None" (Neo lists no latent upscale modes)."""
+    status, modes = _call("GET", "/sdapi/v1/latent-upscale-modes")
+    names = [m.get("name") for m in modes] if status == 200 and isinstance(modes, list) else []
+    return "Latent" if "Latent" in names else (names[0] if names else "None")
+
+
 def test_hires_fix(server):
     # Forge's API needs hr_additional_modules, or the hires pass fails before sampling
     body = _txt2img(
@@ -169,7 +218,7 @@ def test_hires_fix(server):
             klora=_pair(server),
             enable_hr=True,
             hr_scale=1.5,
-            hr_upscaler="Latent",
+            hr_upscaler=_hires_upscaler(),
             denoising_strength=0.5,
             hr_second_pass_steps=2,
             hr_additional_modules=["Use same choices"],

@@ -1,9 +1,11 @@
 """Which webui runs us, and its :class:`~klora.webui.hosts.base.Host`: AUTOMATIC1111 (:mod:`.a1111`), Forge
-(the ``backend/`` architecture with Flux, :mod:`.forge`), or a Forge fork we do not support. Detected once, by
-feature, never by folder names or version strings alone.
+(the ``backend/`` architecture with Flux, :mod:`.forge`), Forge Neo (:mod:`.neo`), or a Forge fork we do not
+support. Detected once, by feature, never by folder names or version strings alone.
 
-Forge main (≥ 2.0, and the "neo" fork) ships the top-level packages ``modules_forge`` and ``backend`` with
-``backend/patcher/lora.py``; the older ldm_patched family (Forge 1.x, reForge, Forge Classic) ships
+Forge main (≥ 2.0) and Forge Neo ship the top-level packages ``modules_forge`` and ``backend`` with
+``backend/patcher/lora.py``; Neo is told apart by its ComfyUI port ``modules_forge/packages/comfy/lora.py`` (a
+namespace package; Forge main has ``packages_3rdparty`` instead) or by ``modules_forge/forge_version.py``
+saying ``version = "neo"``. The older ldm_patched family (Forge 1.x, reForge, Forge Classic) ships
 ``ldm_patched`` and no ``backend``; AUTOMATIC1111 has neither. Only ``importlib.util.find_spec`` is used, so
 detection imports nothing beyond the parent packages of what it looks for (which the host has imported
 already).
@@ -19,28 +21,30 @@ from typing import Any, Literal
 
 from klora.webui.hosts.base import Host
 
-HostName = Literal["a1111", "forge", "forge-ldm"]
+HostName = Literal["a1111", "forge", "neo", "forge-ldm"]
 
 
 @dataclass(frozen=True)
 class HostInfo:
-    """``name``: a1111 | forge | forge-ldm; ``version``: the host's own version string when it has one;
-    ``supported``: whether K-LoRA has an adapter for it (forge-ldm has none)."""
+    """``name``: a1111 | forge | neo | forge-ldm; ``version``: the host's own version string when it has one
+    (Neo's release, e.g. ``2.26``); ``supported``: whether K-LoRA has an adapter for it (forge-ldm has
+    none)."""
 
     name: HostName
     version: str | None = None
 
     @property
     def supported(self) -> bool:
-        return self.name in ("a1111", "forge")
+        return self.name in ("a1111", "forge", "neo")
 
     @property
     def is_forge(self) -> bool:
-        return self.name in ("forge", "forge-ldm")
+        return self.name in ("forge", "neo", "forge-ldm")
 
     @property
     def label(self) -> str:
-        names = {"a1111": "AUTOMATIC1111 webui", "forge": "Forge", "forge-ldm": "Forge (ldm_patched fork)"}
+        names = {"a1111": "AUTOMATIC1111 webui", "forge": "Forge", "neo": "Forge Neo",
+                 "forge-ldm": "Forge (ldm_patched fork)"}
         return names[self.name] + (f" {self.version}" if self.version else "")
 
 
@@ -52,21 +56,29 @@ def _has(find_spec: Callable[[str], Any], name: str) -> bool:
         return False
 
 
-def _forge_version() -> str | None:
+def _forge_version(attribute: str = "version") -> str | None:
     try:
         from modules_forge import forge_version  # the host's; only reached on Forge
     except Exception:
         return None
-    version = getattr(forge_version, "version", None)
+    version = getattr(forge_version, attribute, None)
     return str(version) if version else None
 
 
+def _neo_release() -> str | None:
+    return _forge_version("release")
+
+
 def detect(find_spec: Callable[[str], Any] = importlib.util.find_spec,
-           version: Callable[[], str | None] = _forge_version) -> HostInfo:
+           version: Callable[[], str | None] = _forge_version,
+           release: Callable[[], str | None] = _neo_release) -> HostInfo:
     """Detect the host from the packages it ships (see the module docstring)."""
     if _has(find_spec, "modules_forge") or _has(find_spec, "ldm_patched"):
         if _has(find_spec, "backend") and _has(find_spec, "backend.patcher.lora"):
-            return HostInfo("forge", version())
+            forge_version = version()
+            if forge_version == "neo" or _has(find_spec, "modules_forge.packages.comfy.lora"):
+                return HostInfo("neo", release())
+            return HostInfo("forge", forge_version)
         return HostInfo("forge-ldm", version())
     return HostInfo("a1111")
 
@@ -83,6 +95,10 @@ def load(info: HostInfo | None = None) -> Host:
     Raises ``RuntimeError`` with a message fit for the user on hosts without an adapter.
     """
     info = info or current()
+    if info.name == "neo":
+        from klora.webui.hosts.neo import NeoHost
+
+        return NeoHost(info.version)
     if info.name == "forge":
         from klora.webui.hosts.forge import ForgeHost
 
@@ -92,6 +108,6 @@ def load(info: HostInfo | None = None) -> Host:
 
         return A1111Host(info.version)
     raise RuntimeError(
-        f"K-LoRA supports AUTOMATIC1111's webui and Forge 2 (the 'backend' architecture); "
+        f"K-LoRA supports AUTOMATIC1111's webui, Forge 2 and Forge Neo (the 'backend' architecture); "
         f"this is {info.label}, whose LoRA machinery (ldm_patched) it does not support yet."
     )

@@ -19,7 +19,7 @@ from torch import nn
 from klora.apply import Target
 from klora.keys.sd import module_targets
 from klora.mha import PARTS
-from klora.webui.hosts.base import flag_family
+from klora.webui.hosts.base import HostDefaults, flag_family
 
 _RESBLOCK_ATTN = re.compile(r"(?:^|\.)transformer\.resblocks\.(\d+)\.attn$")
 
@@ -64,7 +64,7 @@ def model_targets(sd_model: Any) -> dict[str, Target]:
     return out
 
 
-class A1111Host:
+class A1111Host(HostDefaults):
     name = "a1111"
 
     def __init__(self, version: str | None = None) -> None:

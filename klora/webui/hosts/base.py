@@ -3,8 +3,11 @@
 A host answers four questions about the model the webui has loaded: which family it is (``sd1``, ``sdxl``,
 ``flux`` …; per-family option defaults come from :data:`klora.options.FAMILY_DEFAULTS`), whether K-LoRA can
 run on it, where each canonical layer key lives in it (:class:`klora.apply.Target`), and what to do at the
-start of each sampling pass (e.g. tell the host's memory manager what the hooks will hold). Names → files,
-the step clock, the tag, infotext, XYZ, API and panel are the same on every host and live beside this.
+start of each sampling pass (e.g. tell the host's memory manager what the hooks will hold). Two more answer
+what happens when a second checkpoint takes over mid-generation (a refiner, Wan 2.2's low-noise expert): which
+checkpoint's weights the model holds now, and which LoRA pair K-LoRA continues with there, if any;
+:class:`HostDefaults` gives the answers of hosts whose refiner ends K-LoRA. Names → files, the step clock, the
+tag, infotext, XYZ, API and panel are the same on every host and live beside this.
 
 Adding a host: a module in this package with a class that implements :class:`Host`, and a line in
 :func:`klora.webui.hosts.load`.
@@ -39,7 +42,27 @@ class Host(Protocol):
         """Canonical key → where its delta goes in ``model``, for the keys it can place."""
 
     def before_sampling(self, p: Any, setup: Setup) -> None:
-        """At the start of a sampling pass with K-LoRA on (``process_before_every_sampling``)."""
+        """At the start of a sampling pass with K-LoRA on (``process_before_every_sampling``), and when K-LoRA
+        continues on a second expert mid-pass (:meth:`expert_pair`)."""
+
+    def loaded_checkpoint(self, p: Any, model: Any) -> Any:
+        """The checkpoint whose weights ``model`` holds now (compared with the one a setup was made for; a
+        host that loads a refiner's weights into the same modules says so here)."""
+
+    def expert_pair(self, p: Any, model: Any, content: str, style: str) -> tuple[str, str] | None:
+        """When ``model`` holds another checkpoint than the generation started with
+        (:meth:`loaded_checkpoint`): the content and style LoRA names K-LoRA continues with on it, τ running
+        on; None: K-LoRA stops there (an SDXL refiner, which the LoRAs were not made for)."""
+
+
+class HostDefaults:
+    """The answers of a host on which a refiner ends K-LoRA (A1111, Forge)."""
+
+    def loaded_checkpoint(self, p: Any, model: Any) -> Any:
+        return getattr(model, "sd_checkpoint_info", None)
+
+    def expert_pair(self, p: Any, model: Any, content: str, style: str) -> tuple[str, str] | None:
+        return None
 
 
 def flag_family(model: Any) -> str | None:

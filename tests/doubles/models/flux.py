@@ -34,6 +34,19 @@ def timestep_embedding(
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def patchify(x: torch.Tensor) -> torch.Tensor:
+    """A latent (B, C, H, W) as tokens of 2×2 patches (B, H/2·W/2, 4·C), as the DiTs take it."""
+    b, c, h, w = x.shape
+    patches = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpatchify(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Tokens of 2×2 patches back to a latent of ``shape`` (B, C, H, W)."""
+    b, c, h, w = shape
+    return tokens.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 class MLPEmbedder(nn.Module):  # backend/nn/flux.py::MLPEmbedder
     def __init__(self, in_dim: int, hidden: int, lin: LinearFactory) -> None:
         super().__init__()
@@ -163,11 +176,8 @@ class IntegratedFluxTransformer2DModel(nn.Module):  # backend/nn/flux.py::Integr
         """The signature of Forge's forward (as KModel.apply_model calls it): the latent ``x`` (B, C, H, W) in
         2×2 patches, ``timestep`` (B,), ``context`` (B, T, context_in_dim), ``y`` (B, vec_in_dim),
         ``guidance`` (B,); the output in the latent's shape."""
-        b, c, h, w = x.shape
-        patches = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        img = patches.reshape(b, (h // 2) * (w // 2), c * 4)
-        out = self.inner_forward(img, context, timestep, y, guidance)
-        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        out = self.inner_forward(patchify(x), context, timestep, y, guidance)
+        return unpatchify(out, x.shape)
 
     def inner_forward(
         self,

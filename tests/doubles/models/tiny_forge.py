@@ -182,9 +182,11 @@ class TinyClip(nn.Module):
 
 
 class TinyT5(nn.Module):
-    """IntegratedT5-like: ``transformer.encoder.block.N.layer.0.SelfAttention.{q,k,v,o}``."""
+    """IntegratedT5-like: ``transformer.encoder.block.N.layer.0.SelfAttention.{q,k,v,o}``, and with ``ffn``
+    the gated feed-forward ``layer.1.DenseReluDense.{wi_0, wi_1, wo}`` (T5 v1.1 / UMT5; T5-XXL: dim 4096, ffn
+    10240, 24 blocks)."""
 
-    def __init__(self, lin: Lin, dim: int = 24, blocks: int = 1) -> None:
+    def __init__(self, lin: Lin, dim: int = 24, blocks: int = 1, ffn: int = 0) -> None:
         super().__init__()
         self.transformer = nn.Module()
         self.transformer.encoder = nn.Module()
@@ -196,6 +198,12 @@ class TinyT5(nn.Module):
             for name in "qkvo":
                 setattr(attn, name, lin(dim, dim, bias=False))
             block.layer[0].SelfAttention = attn
+            if ffn:
+                dense = nn.Module()
+                dense.wi_0, dense.wi_1 = lin(dim, ffn, bias=False), lin(dim, ffn, bias=False)
+                dense.wo = lin(ffn, dim, bias=False)
+                block.layer.append(nn.Module())
+                block.layer[1].DenseReluDense = dense
             self.transformer.encoder.block.append(block)
         self.tokens = torch.randn(1, 3, dim, generator=torch.Generator().manual_seed(5))
 
