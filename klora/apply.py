@@ -26,12 +26,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from klora import kinds
 from klora.cache import LRU
 from klora.delta import bias_delta, dense_delta, low_rank
+from klora.deltapaths import (
+    ConvDense,
+    ConvGeometry,
+    ConvLowRank,
+    ConvTucker,
+    DeltaPath,
+    LinearDense,
+    LinearLowRank,
+    PathSum,
+    combine,
+)
 from klora.layers import LoraFile, LoraFormatError, LoraLayer, layout
 
 if TYPE_CHECKING:
@@ -122,204 +132,6 @@ class StepClock:
 
 
 # --------------------------------------------------------------------------------------------------
-# Delta paths: what one LoRA layer adds to one module's output
-
-
-def _compiling() -> bool:
-    """Whether torch.compile is tracing the caller (False on torch versions without the query)."""
-    query = getattr(torch.compiler, "is_compiling", None)
-    return bool(query()) if query is not None else False
-
-
-def _ordinary(t: torch.Tensor) -> torch.Tensor:
-    return t.clone() if t.is_inference() else t
-
-
-class _Path:
-    """Prepared fp32 CPU tensors of one delta and their copies per (device, dtype), made on first use."""
-
-    __slots__ = ("_cache", "_last", "master")
-
-    def __init__(self, *master: torch.Tensor | None) -> None:
-        self.master = master
-        self._cache: dict[tuple[torch.device, torch.dtype], tuple[Any, ...]] = {}
-        # The last copies used, with their device and dtype: one attribute, so that hooks of two attaches
-        # sharing this (cached) path never read a device of one and the tensors of another.
-        self._last: tuple[torch.device | None, torch.dtype | None, tuple[Any, ...]] = (None, None, ())
-
-    def tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
-        dev, dt, cur = self._last
-        if dtype is dt and device == dev:
-            return cur
-        cur = self._cache.get((device, dtype))
-        if cur is None:
-            cur = self._copy(device, dtype)
-        self._last = (device, dtype, cur)
-        return cur
-
-    @torch.compiler.disable  # runs once per device and dtype; torch.compile cannot trace inference checks
-    def _copy(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
-        # Copies made during an inference_mode call (or masters prepared under it) would be inference
-        # tensors, which a later call that records autograd cannot use: keep ordinary tensors.
-        with torch.inference_mode(False):
-            cur = tuple(None if t is None else _ordinary(t.to(device=device, dtype=dtype))
-                        for t in self.master)
-        self._cache[(device, dtype)] = cur
-        return cur
-
-    def clear(self) -> None:
-        self._cache.clear()
-        self._last = (None, None, ())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.master if t is not None)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def add_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """``out += delta(x)`` in place."""
-        out.add_(self(x))
-
-
-class _LinearLowRank(_Path):
-    """(x @ downᵀ) @ upᵀ; down (r, in), up (out, r) with strength × scale folded in."""
-
-    __slots__ = ()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        down, up = self.tensors(x.device, x.dtype)
-        return F.linear(F.linear(x, down), up)
-
-    def add_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        down, up = self.tensors(x.device, x.dtype)
-        h = F.linear(x, down)
-        # The up product accumulates straight into the output (one kernel less), unless autocast gave h
-        # another dtype than the output's (a module that computes in float32 under the caller's autocast).
-        if out.is_contiguous() and h.dtype is out.dtype:
-            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
-        else:
-            out.add_(F.linear(h, up))
-
-
-class _LinearDense(_Path):
-    __slots__ = ()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.tensors(x.device, x.dtype)
-        return F.linear(x, w, b)
-
-
-@dataclass(frozen=True)
-class _ConvGeometry:
-    """The spatial parameters of a Conv2d, so that a delta conv lines up with the module's output."""
-
-    stride: tuple[int, int]
-    padding: tuple[int, int] | str
-    dilation: tuple[int, int]
-    pad: tuple[int, int, int, int] | None  # explicit F.pad amounts for non-zero padding modes
-    pad_mode: str
-
-    @staticmethod
-    def of(module: nn.Module, kernel: tuple[int, int]) -> _ConvGeometry:
-        stride = tuple(module.stride)
-        dilation = tuple(module.dilation)
-        padding = module.padding
-        mode = getattr(module, "padding_mode", "zeros")
-        if mode == "zeros":
-            return _ConvGeometry(stride, padding if isinstance(padding, str) else tuple(padding),
-                                 dilation, None, mode)
-        if padding == "valid":
-            amounts: tuple[int, ...] = (0, 0, 0, 0)
-        elif padding == "same":
-            amounts = ()
-            for d, k in zip(reversed(dilation), reversed(kernel), strict=True):
-                total = d * (k - 1)
-                amounts += (total // 2, total - total // 2)
-        else:
-            amounts = (padding[1], padding[1], padding[0], padding[0])
-        return _ConvGeometry(stride, (0, 0), dilation, tuple(amounts), mode)
-
-    def prepad(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.pad is None else F.pad(x, self.pad, mode=self.pad_mode)
-
-    def conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
-
-
-class _ConvLowRank(_Path):
-    """conv(x, down) with the module's geometry, then the 1×1 ``up``; down (r, in, kh, kw)."""
-
-    __slots__ = ("geo",)
-
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, geo: _ConvGeometry) -> None:
-        super().__init__(down, up)
-        self.geo = geo
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        down, up = self.tensors(x.device, x.dtype)
-        return F.conv2d(self.geo.conv(self.geo.prepad(x), down), up)
-
-
-class _ConvTucker(_Path):
-    """Tucker/CP LoCon: 1×1 ``down`` (r, in), the spatial ``mid`` (r, r, kh, kw) with the module's
-    geometry, then 1×1 ``up``. The 1×1 down commutes with padding, so it runs first on fewer channels."""
-
-    __slots__ = ("geo",)
-
-    def __init__(self, down: torch.Tensor, mid: torch.Tensor, up: torch.Tensor, geo: _ConvGeometry) -> None:
-        super().__init__(down, mid, up)
-        self.geo = geo
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        down, mid, up = self.tensors(x.device, x.dtype)
-        h = F.conv2d(self.geo.prepad(x), down)
-        return F.conv2d(self.geo.conv(h, mid), up)
-
-
-class _ConvDense(_Path):
-    __slots__ = ("geo",)
-
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, geo: _ConvGeometry) -> None:
-        super().__init__(w, b)
-        self.geo = geo
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.tensors(x.device, x.dtype)
-        return self.geo.conv(self.geo.prepad(x), w, b)
-
-
-class _Sum:
-    """Both deltas where their factors cannot be stacked into one low-rank product."""
-
-    __slots__ = ("a", "b")
-
-    def __init__(self, a: _Path, b: _Path) -> None:
-        self.a, self.b = a, b
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.a(x) + self.b(x)
-
-    def add_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        self.a.add_into(x, out)
-        self.b.add_into(x, out)
-
-
-def _combine(a: _Path, b: _Path) -> _Path | _Sum:
-    """One product for content + style where both are plain low-rank of the same layout: the factors
-    stacked along the rank (down rows, up columns) give exactly up_a·down_a + up_b·down_b."""
-    if type(a) is _LinearLowRank and type(b) is _LinearLowRank:
-        return _LinearLowRank(torch.cat([a.master[0], b.master[0]], 0),
-                              torch.cat([a.master[1], b.master[1]], 1))
-    if (type(a) is _ConvLowRank and type(b) is _ConvLowRank and a.geo == b.geo
-            and a.master[0].shape[2:] == b.master[0].shape[2:]):
-        return _ConvLowRank(torch.cat([a.master[0], b.master[0]], 0),
-                            torch.cat([a.master[1], b.master[1]], 1), a.geo)
-    return _Sum(a, b)
-
-
-# --------------------------------------------------------------------------------------------------
 # Modules
 
 
@@ -333,7 +145,7 @@ class Site:
     shape: tuple[int, ...]  # (out, in) or (out, in, kh, kw); out counts the selected rows only
     full_out: int
     rows: slice | None
-    geo: _ConvGeometry | None
+    geo: ConvGeometry | None
     mha: bool = False  # a projection of an nn.MultiheadAttention (klora.mha)
 
     @property
@@ -358,7 +170,7 @@ def site(key: str, target: Target) -> Site:
         if getattr(m, "groups", 1) != 1 or getattr(m, "transposed", False):
             raise ValueError(f"{key}: grouped and transposed convolutions are not supported")
         out, inp = int(m.out_channels), int(m.in_channels)
-        geo: _ConvGeometry | None = _ConvGeometry.of(m, kernel)
+        geo: ConvGeometry | None = ConvGeometry.of(m, kernel)
         tail: tuple[int, ...] = kernel
         conv = True
     elif isinstance(m, nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features")):
@@ -450,7 +262,7 @@ def _mismatch(file: LoraFile, layer: LoraLayer, site: Site, what: str) -> ShapeM
     )
 
 
-def _prepare(file: LoraFile, layer: LoraLayer, strength: float, site: Site) -> _Path:
+def _prepare(file: LoraFile, layer: LoraLayer, strength: float, site: Site) -> DeltaPath:
     """Fold scale and strength into factors shaped for ``site`` (checked), or the dense ΔW for kinds
     without a cheap factorisation. A Linear and a 1×1 conv accept each other's layouts."""
     if layer.layout != layout(site.shape):
@@ -468,15 +280,15 @@ def _prepare(file: LoraFile, layer: LoraLayer, strength: float, site: Site) -> _
             if down.numel() != r * inp * math.prod(kernel):
                 raise _mismatch(file, layer, site, "LoRA down factor of layer shape")
             if not site.conv:
-                return _LinearLowRank(down.reshape(r, inp).contiguous(), up.reshape(out, -1).contiguous())
+                return LinearLowRank(down.reshape(r, inp).contiguous(), up.reshape(out, -1).contiguous())
             assert site.geo is not None
-            return _ConvLowRank(down.reshape(r, inp, *kernel).contiguous(),
+            return ConvLowRank(down.reshape(r, inp, *kernel).contiguous(),
                                 up.reshape(out, -1, 1, 1).contiguous(), site.geo)
         mid = mid.float()
         if not site.conv or down.numel() != r * inp or tuple(mid.shape[2:]) != tuple(kernel):
             raise _mismatch(file, layer, site, "LoRA Tucker factors of layer shape")
         assert site.geo is not None
-        return _ConvTucker(down.reshape(r, inp, 1, 1).contiguous(), mid.contiguous(),
+        return ConvTucker(down.reshape(r, inp, 1, 1).contiguous(), mid.contiguous(),
                            up.reshape(out, -1, 1, 1).contiguous(), site.geo)
     w = dense_delta(layer, strength).float().reshape(site.shape).contiguous()
     b = bias_delta(layer, strength)
@@ -485,9 +297,9 @@ def _prepare(file: LoraFile, layer: LoraLayer, strength: float, site: Site) -> _
             raise _mismatch(file, layer, site, "bias delta of layer shape")
         b = b.float().reshape(out).contiguous()
     if not site.conv:
-        return _LinearDense(w, b)
+        return LinearDense(w, b)
     assert site.geo is not None
-    return _ConvDense(w, b, site.geo)
+    return ConvDense(w, b, site.geo)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,7 +320,7 @@ class _Bucket:
     def __init__(self, key: Any) -> None:
         self.key = key
         self.live = True
-        self.paths: dict[SiteKey, _Path] = {}
+        self.paths: dict[SiteKey, DeltaPath] = {}
 
 
 class _FactorCache:
@@ -565,7 +377,7 @@ class _FactorCache:
                 bucket = self._pairs[key] = _Bucket(key)
             return bucket
 
-    def get(self, bucket: _Bucket, key: SiteKey) -> _Path | None:
+    def get(self, bucket: _Bucket, key: SiteKey) -> DeltaPath | None:
         with self._lock:
             path = bucket.paths.get(key)
             if path is None:
@@ -574,7 +386,7 @@ class _FactorCache:
                 self.hits += 1
             return path
 
-    def put(self, bucket: _Bucket, key: SiteKey, path: _Path) -> None:
+    def put(self, bucket: _Bucket, key: SiteKey, path: DeltaPath) -> None:
         with self._lock:
             if bucket.live:
                 bucket.paths[key] = path
@@ -621,7 +433,7 @@ def _site_key(key: str, site: Site) -> SiteKey:
 
 
 def _prepared(bucket: _Bucket | None, file: LoraFile, layer: LoraLayer, strength: float,
-              site: Site) -> _Path:
+              site: Site) -> DeltaPath:
     """:func:`_prepare`, reusing the bucket's path for the same site (same tensors: same file content,
     layer, strength and weight shape)."""
     if bucket is None:
@@ -634,28 +446,34 @@ def _prepared(bucket: _Bucket | None, file: LoraFile, layer: LoraLayer, strength
     return path
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing the caller (False on torch versions without the query)."""
+    query = getattr(torch.compiler, "is_compiling", None)
+    return bool(query()) if query is not None else False
+
+
 class _LayerHook:
     """The forward hook of one layer key. ``active`` is the delta for the current τ (or None)."""
 
     __slots__ = ("_both", "_buckets", "_skey", "active", "content", "key", "rows", "style")
 
-    def __init__(self, key: str, content: _Path | None, style: _Path | None, site: Site,
+    def __init__(self, key: str, content: DeltaPath | None, style: DeltaPath | None, site: Site,
                  buckets: tuple[_Bucket | None, _Bucket | None, _Bucket | None] = (None, None, None),
                  site_key: SiteKey = ()) -> None:
         self.key = key
         self.content = content
         self.style = style
-        self._both: _Path | _Sum | None = None
+        self._both: DeltaPath | PathSum | None = None
         # Where content, style and the stacked "both" path are cached (None: owned by this hook).
         self._buckets = buckets
         self._skey = site_key
-        self.active: _Path | _Sum | None = None
+        self.active: DeltaPath | PathSum | None = None
         # Output rows of a fused layer: Linear features are the last dim, conv channels dim -3.
         self.rows: tuple[Any, ...] | None = None
         if site.rows is not None:
             self.rows = (..., site.rows, slice(None), slice(None)) if site.conv else (..., site.rows)
 
-    def select(self, choice: str) -> _Path | _Sum | None:
+    def select(self, choice: str) -> DeltaPath | PathSum | None:
         if choice == "content":
             return self.content
         if choice == "style":
@@ -670,20 +488,20 @@ class _LayerHook:
             return None
         raise ValueError(f"{self.key}: unknown choice {choice!r}")
 
-    def _stacked(self) -> _Path | _Sum:
+    def _stacked(self) -> DeltaPath | PathSum:
         assert self.content is not None and self.style is not None
         bucket = self._buckets[2]
         both = None if bucket is None else _cache.get(bucket, self._skey)
         if both is None:
-            both = _combine(self.content, self.style)
-            if bucket is not None and isinstance(both, _Path):  # a _Sum holds nothing of its own
+            both = combine(self.content, self.style)
+            if bucket is not None and isinstance(both, DeltaPath):  # a PathSum holds nothing of its own
                 _cache.put(bucket, self._skey, both)
         return both
 
     def clear(self) -> None:
         """Free the device copies this hook owns: those of paths the cache does not (or no longer) hold."""
         for p, bucket in zip((self.content, self.style, self._both), self._buckets, strict=True):
-            if isinstance(p, _Path) and (bucket is None or not bucket.live):
+            if isinstance(p, DeltaPath) and (bucket is None or not bucket.live):
                 p.clear()
         self._both = None
         self.active = None

@@ -31,6 +31,7 @@ from synth import (
 from torch import nn
 
 import klora.apply as apply_mod
+import klora.deltapaths as deltapaths
 from klora.apply import (
     ShapeMismatchError,
     StepClock,
@@ -818,7 +819,7 @@ class _Counts:
         self.copies = 0
         self.stacked = 0
         real_low_rank, real_dense = apply_mod.low_rank, apply_mod.dense_delta
-        real_ordinary, real_combine = apply_mod._ordinary, apply_mod._combine
+        real_ordinary, real_combine = deltapaths.ordinary, apply_mod.combine
 
         def low_rank(layer, strength=1.0):
             self.prepared.append((layer.kind, layer.key, strength))
@@ -834,13 +835,13 @@ class _Counts:
 
         def combine(a, b):
             both = real_combine(a, b)
-            self.stacked += isinstance(both, apply_mod._Path)  # a _Sum of the two holds no tensors
+            self.stacked += isinstance(both, deltapaths.DeltaPath)  # a PathSum of the two holds no tensors
             return both
 
         monkeypatch.setattr(apply_mod, "low_rank", low_rank)
         monkeypatch.setattr(apply_mod, "dense_delta", dense)
-        monkeypatch.setattr(apply_mod, "_ordinary", ordinary)
-        monkeypatch.setattr(apply_mod, "_combine", combine)
+        monkeypatch.setattr(deltapaths, "ordinary", ordinary)
+        monkeypatch.setattr(apply_mod, "combine", combine)
 
     def reset(self) -> None:
         self.prepared, self.copies, self.stacked = [], 0, 0
