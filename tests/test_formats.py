@@ -28,7 +28,7 @@ from synth import (
     write_tensors,
 )
 
-from klora.formats import read_lora
+from klora.formats import container, read_lora
 from klora.keys import layer_order
 from klora.layers import LoraFile, LoraFormatError
 
@@ -433,6 +433,18 @@ def test_nan_inf_weights_name_the_key(tmp_path: Path, bad: float, dtype: torch.d
     assert e.key == "lora_unet_b_proj_in.lora_up.weight"
     assert ("NaN" in e.reason) and ("Inf" in e.reason)
     assert ("1 NaN" in e.reason) == math.isnan(bad)
+
+
+def test_nan_inf_far_into_a_long_half_precision_run(tmp_path: Path) -> None:
+    """A run of half floats is checked slice by slice (its float32 copy never grows with the file): a bad
+    value in a late slice is still found, and a finite file of several slices passes."""
+    t = {**_kohya_layer("lora_unet_a_proj_in", r=128, out=1280, inp=1280),
+         **_kohya_layer("lora_unet_b_proj_in", r=128, out=1280, inp=1280)}
+    t = {k: v.to(torch.float16) for k, v in t.items()}
+    assert sum(v.numel() for v in t.values()) > 2 * container._FINITE_CHUNK  # several slices
+    assert len(read_lora(write_tensors(tmp_path / "ok.safetensors", t)).layers) == 2
+    t["lora_unet_b_proj_in.lora_up.weight"][-1, -1] = float("inf")
+    assert _err(write_tensors(tmp_path / "n.safetensors", t)).key == "lora_unet_b_proj_in.lora_up.weight"
 
 
 def test_nan_alpha(tmp_path: Path) -> None:
