@@ -601,7 +601,9 @@ def fuse(pipe: Any, content: LoraSource, style: LoraSource, *, seed: int = 0,
     updates, note = option_table.family_defaults(mapping.family, values, chosen)
     fusion_options = option_table.FusionOptions.from_fields({**values, **updates}, seed=seed)
     content_file, style_file = _read(content, "content"), _read(style, "style")
-    plan = fusion.make_plan(content_file, style_file, fusion_options)
+    device = getattr(pipe, "device", None)  # scores are formed there when it is an accelerator
+    plan = fusion.make_plan(content_file, style_file, fusion_options,
+                            device if getattr(device, "type", "cpu") != "cpu" else None)
     coverage = apply.cover(plan, content_file, style_file, mapping.targets)
     _check(content_file, style_file, pipe, plan, coverage)
     for role, file in (("content", content_file), ("style", style_file)):

@@ -44,6 +44,11 @@ _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 3600.0
 
 
+def is_sha256(value: object) -> bool:
+    """Whether ``value`` is a sha256 hex digest as the cache keys entries (64 lowercase hex digits)."""
+    return isinstance(value, str) and bool(_SHA256.match(value))
+
+
 class LayerStats(NamedTuple):
     """Statistics of one layer: ``l1`` = Σ|U|, ``top`` = the largest |U| (float32, descending), and
     ``numel`` = the number of entries of U (``top`` holds all of them when its length equals numel)."""
@@ -87,7 +92,7 @@ class StatsCache:
 
     def path(self, sha256: str) -> Path:
         """The entry's file for a LoRA file's sha256 (64 lowercase hex digits)."""
-        if not isinstance(sha256, str) or not _SHA256.match(sha256):
+        if not is_sha256(sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return self.folder / f"{sha256}.{self._tag}{_SUFFIX}"
 

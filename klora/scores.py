@@ -29,7 +29,7 @@ import torch
 
 from klora import kinds, topk
 from klora.cache import LRU
-from klora.diskcache import DEFAULT_MAX_BYTES, LayerStats, StatsCache
+from klora.diskcache import DEFAULT_MAX_BYTES, LayerStats, StatsCache, is_sha256
 from klora.keys import is_attention, is_text_encoder
 from klora.layers import LoraFile, LoraLayer
 
@@ -139,7 +139,7 @@ def _file_table(file: LoraFile, device_type: str) -> _FileTable:
         return _FileTable({})
 
     def load() -> _FileTable:
-        store = _disk_store(device_type)
+        store = _disk_store(device_type) if is_sha256(file.sha256) else None  # files built in memory: none
         return _FileTable(store.get(file.sha256) if store is not None else {})
 
     return _file_cache.setdefault((file.sha256, device_type), load)
@@ -162,7 +162,7 @@ def _layer_stats(table: _FileTable, layer: LoraLayer, k: int, device: torch.devi
 
 def _save(file: LoraFile, table: _FileTable, device_type: str) -> None:
     store = _disk_store(device_type)
-    if store is not None and table.dirty and file.sha256:
+    if store is not None and table.dirty and is_sha256(file.sha256):
         store.put(file.sha256, {key: table.stats[key] for key in table.dirty})
     table.dirty.clear()
 

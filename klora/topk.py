@@ -37,7 +37,7 @@ by (ii), so enough entries equal to ``s``. Either way the ``k`` largest values o
 ``C`` holds the very floats of ``X``.
 
 L1: each row summed in float32 by ``torch.sum`` (on CPU a cascade of vectorized partial sums, on CUDA a
-tree), the row sums accumulated in float64: the order ``klora.fusion._l1`` uses, hence the same value.
+tree), the row sums accumulated in float64.
 Bound: for ``n`` non-negative float32 terms every summation order has relative error at most
 ``γ(n-1)``, ``γ(j) = j·u/(1 - j·u)``, ``u = 2⁻²⁴`` (1.2e-4 for rows of 2048, the worst case of a plain
 loop); the cascade keeps it near ``log2(n)·u`` in practice (≤ 1e-8 measured on SDXL layers against a

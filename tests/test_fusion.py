@@ -525,6 +525,19 @@ def test_k_override_sums_that_many_entries_and_is_clamped():
     assert FusionOptions(k=0).k is None  # 0: the default (what an empty gradio number box sends)
 
 
+def test_files_without_a_content_hash_bypass_the_disk_cache(tmp_path):
+    """Files built in memory (no sha256 of real bytes) are scored, never written to or read from disk."""
+    c = lfile([lora(Q, (24, 24), 4, 2.0, 1)], "x" * 64, "c")  # not a hex digest
+    s = lfile([lora(Q, (24, 24), 8, 8.0, 3)], "", "s")
+    scores.set_disk_cache(tmp_path / "klora")
+    try:
+        assert make_plan(c, s).layers[Q].k == 32
+        assert not (tmp_path / "klora").exists() or not list((tmp_path / "klora").iterdir())
+    finally:
+        scores.set_disk_cache(None)
+        scores.clear_cache()
+
+
 def test_disk_cache_spares_a_restart_the_products(tmp_path, monkeypatch):
     """A second process (memory caches empty) reads the per-file tables from the disk cache and scores
     the pair without forming a product; a corrupt entry is ignored and rewritten."""
