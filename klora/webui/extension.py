@@ -13,6 +13,7 @@ from typing import Any
 from modules import extra_networks, shared
 
 from klora import apply, fusion, scores
+from klora.diskcache import DEFAULT_MAX_BYTES
 from klora.layers import LoraFormatError
 from klora.webui import api, infotext, loras, panel, session, tag, xyz
 from klora.webui.args import KLoraArgs, KLoraArgsError
@@ -23,7 +24,7 @@ from klora.webui.session import TAG_ATTR, Session, session_of
 log = logging.getLogger("klora")
 
 SETTINGS_SECTION = ("klora", "K-LoRA")
-DISK_CACHE_MB = 256
+DISK_CACHE_MB = DEFAULT_MAX_BYTES // 2**20  # the setting's default: the engine's bound, in MB
 
 
 class ExtraNetworkKLora(extra_networks.ExtraNetwork):
@@ -70,7 +71,7 @@ def selection_map(plan: fusion.Plan, steps: int, args: KLoraArgs) -> Any:
 
 def webui_cache_dir() -> str:
     """The folder for K-LoRA's score tables: ``klora`` in the webui's cache folder (modules/cache.py
-    ``cache_dir``, ``SD_WEBUI_CACHE_DIR``; before A1111 1.7: ``cache`` in the data folder)."""
+    ``cache_dir``, ``SD_WEBUI_CACHE_DIR``; A1111 before 1.9 has none: ``cache`` in the data folder)."""
     try:
         from modules.cache import cache_dir
     except ImportError:
