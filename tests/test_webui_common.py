@@ -14,6 +14,7 @@ import sys
 import types
 from copy import copy
 from dataclasses import fields, replace
+from pathlib import Path
 
 import pytest
 
@@ -26,88 +27,48 @@ from klora.webui.infotext import INFOTEXT_HASHES_KEY, INFOTEXT_KEY
 from klora.webui.tag import TagError
 
 # ----------------------------------------------------------------------------------------------------------
-# doubles of the webui
+# the A1111 double's tag parsing and infotext (tests/doubles/a1111)
+
+DOUBLE = Path(__file__).resolve().parent / "doubles" / "a1111"
 
 
-class ExtraNetworkParams:
-    """Mirror of modules/extra_networks.py ``ExtraNetworkParams.__init__`` (items split on ':' by
-    ``parse_prompt``; an item with exactly one '=' is named)."""
-
-    def __init__(self, items=None):
-        self.items = items or []
-        self.positional = []
-        self.named = {}
-        for item in self.items:
-            parts = item.split("=", 2) if isinstance(item, str) else [item]
-            if len(parts) == 2:
-                self.named[parts[0]] = parts[1]
-            else:
-                self.positional.append(item)
-
-
-RE_EXTRA_NET = re.compile(r"<(\w+):([^>]+)>")  # modules/extra_networks.py re_extra_net
-
-
-def tags_in(prompt: str, name: str = "klora") -> list[ExtraNetworkParams]:
-    """Mirror of modules/extra_networks.py ``parse_prompt``: the params of every <name:...> tag."""
-    return [ExtraNetworkParams(items=m.group(2).split(":")) for m in RE_EXTRA_NET.finditer(prompt)
-            if m.group(1) == name]
-
-
-# modules/infotext_utils.py: re_param_code, quote(), unquote()
-RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")
-
-
-def a1111_quote(text):
-    if "," not in str(text) and "\n" not in str(text) and ":" not in str(text):
-        return text
-    return json.dumps(text, ensure_ascii=False)
-
-
-def a1111_unquote(text):
-    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
-        return text
+def _a1111_text_modules() -> tuple[types.ModuleType, types.ModuleType]:
+    """``modules.extra_networks`` and ``modules.infotext_utils`` of the A1111 double, imported with the double
+    on ``sys.path`` for the moment; ``sys.modules`` is restored, so the host tests still import the double
+    afresh."""
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "modules"}
+    sys.path.insert(0, str(DOUBLE))
     try:
-        return json.loads(text)
-    except Exception:
-        return text
+        import modules.extra_networks
+        import modules.infotext_utils
+
+        return modules.extra_networks, modules.infotext_utils
+    finally:
+        sys.path.remove(str(DOUBLE))
+        for k in [k for k in sys.modules if k.split(".")[0] == "modules"]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+extra_networks, infotext_utils = _a1111_text_modules()
+
+
+def tags_in(prompt: str, name: str = "klora") -> list:
+    """The params of every <name:...> tag, as the webui's ``parse_prompt`` gives them to the extra network."""
+    return extra_networks.parse_prompt(prompt)[1].get(name, [])
 
 
 def a1111_create_infotext(prompt: str, generation_params: dict) -> str:
     """The text assembly of modules/processing.py ``create_infotext`` (None values dropped, values quoted)."""
-    text = ", ".join([k if k == v else f"{k}: {a1111_quote(v)}" for k, v in generation_params.items()
+    text = ", ".join([k if k == v else f"{k}: {infotext_utils.quote(v)}" for k, v in generation_params.items()
                       if v is not None])
     return f"{prompt}\n{text}".strip()
-
-
-def a1111_parse_generation_parameters(x: str) -> dict:
-    """The parameter-line part of modules/infotext_utils.py ``parse_generation_parameters``."""
-    res = {}
-    *lines, lastline = x.strip().split("\n")
-    if len(RE_PARAM.findall(lastline)) < 3:
-        lines.append(lastline)
-        lastline = ""
-    for k, v in RE_PARAM.findall(lastline):
-        try:
-            if v[0] == '"' and v[-1] == '"':
-                v = a1111_unquote(v)
-            m = RE_IMAGESIZE.match(v)
-            if m is not None:
-                res[f"{k}-1"] = m.group(1)
-                res[f"{k}-2"] = m.group(2)
-            else:
-                res[k] = v
-        except Exception:  # the real one prints 'Error parsing' and goes on
-            pass
-    res["Prompt"] = "\n".join(lines)
-    return res
 
 
 def through_a1111(value: str | None, hashes: str | None = None) -> dict:
     params = {"Steps": 20, "Sampler": "Euler a", "CFG scale": 7, "Seed": 1234, "Size": "512x512",
               INFOTEXT_KEY: value, INFOTEXT_HASHES_KEY: hashes, "Version": "v1.10.1"}
-    return a1111_parse_generation_parameters(a1111_create_infotext("a dog, <klora:dog:wc>", params))
+    return infotext_utils.parse_generation_parameters(a1111_create_infotext("a dog, <klora:dog:wc>", params))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -853,7 +814,7 @@ def test_paste_with_only_a_warning_unticks_the_box():
                "The image was made without K-LoRA.")
     text = a1111_create_infotext("a dog", {"Steps": 20, "Seed": 1, infotext.WARNING_KEY: warning,
                                            "Version": "v1"})
-    params = a1111_parse_generation_parameters(text)
+    params = infotext_utils.parse_generation_parameters(text)
     assert params[infotext.WARNING_KEY] == warning and INFOTEXT_KEY not in params
     assert infotext.infotext_paste_values(params) == {"enabled": False}
     getters = infotext.paste_getters().items()
