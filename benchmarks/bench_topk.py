@@ -27,7 +27,8 @@ each child from ``os.wait4``, median of ``--process-reps``, runs interleaved):
 * naive: the floor plus the naive L1 and Top-K per layer;
 * kernel: import torch, read both files, ``klora.topk.abs_stats`` per layer (no hashing, no key parsing);
 * ``klora inspect --no-cache``: the command users run, cold (reads, hashes, maps keys, scores, prints);
-* ``klora inspect``, warm: the same with its disk cache already written by an earlier run.
+* ``klora inspect``, warm: the same with its disk cache already written by an earlier run (the tables, and
+  the files' sha256 by path, size and mtime: the files are read and their keys mapped, not hashed or scored).
 
 Children run with ``OMP_NUM_THREADS=1`` (and ``torch.set_num_threads(1)``) unless ``--threads``.
 
@@ -84,6 +85,9 @@ def write_pair(name: str, folder: Path) -> tuple[Path, Path]:
     paths = folder / f"{name}_content.safetensors", folder / f"{name}_style.safetensors"
     for path, rank, seed in ((paths[0], rc, 1), (paths[1], rs, 2)):
         write_kohya(path, shapes, rank=rank, alpha=rank / 2, seed=seed, scale_by=layer_magnitude, dtype=dtype)
+        # dated an hour back, as a downloaded LoRA is: a file written seconds ago is hashed on every read
+        then = time.time_ns() - 3600 * 10**9
+        os.utime(path, ns=(then, then))
     return paths
 
 

@@ -256,13 +256,14 @@ def inspect(args: argparse.Namespace) -> int:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:  # an unknown name, or a device this torch cannot use
         raise CliError(f"cannot use device {args.device!r}: {_one_line(e)}") from None
+    from klora import scores
+
     if not args.no_cache:
         from klora.diskcache import default_cache_dir
-        from klora.scores import set_disk_cache
 
-        set_disk_cache(default_cache_dir())
-    content = read_lora(args.content)
-    style = read_lora(args.style)
+        scores.set_disk_cache(default_cache_dir())
+    content = read_lora(args.content, scores.known_files())
+    style = read_lora(args.style, scores.known_files())
     fusion_options = FusionOptions(**{o.name: getattr(args, o.name) for o in options.engine_options()},
                                    seed=args.seed)
     _check_pair(content, style)

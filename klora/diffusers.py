@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from klora import apply, fusion, keys, viz
+from klora import apply, fusion, keys, scores, viz
 from klora import options as option_table
 from klora.apply import Coverage, Hooks, StepClock, Target
 from klora.delta import dense_delta
@@ -551,7 +551,7 @@ def _read(source: LoraSource, role: str) -> LoraFile:
     if isinstance(source, LoraFile):
         return source
     if isinstance(source, str | os.PathLike):
-        return read_lora(source)
+        return read_lora(source, scores.known_files())
     raise TypeError(f"the {role} LoRA must be a path or a klora.layers.LoraFile, got {type(source).__name__}")
 
 

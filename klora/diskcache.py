@@ -1,6 +1,7 @@
-"""A small on-disk store of per-file layer statistics: {layer key → (l1, top, numel)} per LoRA file.
+"""Small on-disk stores in one cache folder: per-file layer statistics, and the sha256 of files already read.
 
-One ``.safetensors`` file per (LoRA file sha256, engine version) in a folder of its own. Properties:
+:class:`StatsCache`: {layer key → (l1, top, numel)} per LoRA file, one ``.safetensors`` file per (LoRA file
+sha256, engine version). Properties:
 
 * safe: safetensors only (never pickle); every entry is validated on read (format, version, the file's
   sha256, shapes, dtypes, a blake2b checksum of the payload), and anything that fails (corrupt, truncated,
@@ -15,6 +16,9 @@ One ``.safetensors`` file per (LoRA file sha256, engine version) in a folder of 
   ``False``), so a read-only or full disk only disables caching.
 
 ``top`` tensors are float32, 1-D, descending (as :func:`klora.topk.abs_stats` returns them).
+
+:class:`FileIndex`: (real path, size, mtime) → sha256 of the LoRA files read and checked before, so that a
+restart or a second command does not hash them (and check their weights) again.
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["DEFAULT_MAX_BYTES", "LayerStats", "StatsCache", "default_cache_dir"]
+__all__ = ["DEFAULT_MAX_BYTES", "FileIndex", "LayerStats", "StatsCache", "default_cache_dir"]
 
 #: Default bound of a cache folder's entries.
 DEFAULT_MAX_BYTES = 256 * 2**20
 _FORMAT = "klora-layer-stats/1"
+_INDEX_FORMAT = "klora-file-index/1"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SUFFIX = ".safetensors"
 _TMP_PREFIX = ".tmp-"
@@ -137,19 +142,7 @@ class StatsCache:
         if not changed:
             return True
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            data = _encode(merged, sha256, self.version)
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_SUFFIX, dir=self.folder)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            _write_atomic(path, _encode(merged, sha256, self.version))
         except OSError:
             return False
         self.evict(keep=path)
@@ -196,7 +189,76 @@ class StatsCache:
                 _unlink(self.folder / name)
 
 
+class FileIndex:
+    """The sha256 of LoRA files already read and found valid, by (real path, size, mtime in ns), in one small
+    JSON file of ``folder``.
+
+    A file whose size and mtime are those recorded is taken to hold the bytes that were hashed and checked
+    then (as the webuis' own hash caches assume), so reading it again skips both. The newest
+    ``max_entries`` files are kept. Like :class:`StatsCache` it is quiet: a missing, unreadable or corrupt
+    index is empty, and a failed write only costs a hash later.
+    """
+
+    NAME = "files.json"
+
+    def __init__(self, folder: str | os.PathLike[str], max_entries: int = 1024) -> None:
+        self.path = Path(folder) / self.NAME
+        self.max_entries = int(max_entries)
+
+    @staticmethod
+    def _key(path: str | os.PathLike[str]) -> str:
+        return os.path.realpath(path)
+
+    def _entries(self) -> dict[str, list]:
+        try:
+            doc = json.loads(self.path.read_bytes())
+        except (OSError, ValueError):
+            return {}
+        files = doc.get("files") if isinstance(doc, dict) and doc.get("format") == _INDEX_FORMAT else None
+        return files if isinstance(files, dict) else {}
+
+    def get(self, path: str | os.PathLike[str], st: os.stat_result) -> str | None:
+        """The recorded sha256 of ``path`` if its stat ``st`` shows the recorded size and mtime, else None."""
+        entry = self._entries().get(self._key(path))
+        if (isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns]
+                and is_sha256(entry[2])):
+            return entry[2]
+        return None
+
+    def put(self, path: str | os.PathLike[str], st: os.stat_result, sha256: str) -> bool:
+        """Record that ``path``, as ``st`` describes it, holds bytes with this sha256 and passed the checks.
+        Returns whether the index was written."""
+        if not is_sha256(sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        files = self._entries()
+        files.pop(self._key(path), None)  # re-inserted last: the newest entries are kept
+        files[self._key(path)] = [st.st_size, st.st_mtime_ns, sha256]
+        kept = dict(list(files.items())[-self.max_entries:])
+        try:
+            _write_atomic(self.path, json.dumps({"format": _INDEX_FORMAT, "files": kept}).encode("utf-8"))
+        except OSError:
+            return False
+        return True
+
+
 # ----------------------------------------------------------------------------------------------- format
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file of the same folder and ``os.replace``: readers see
+    the old or the new file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _unlink(p: Path) -> bool:

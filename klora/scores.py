@@ -15,7 +15,8 @@ Where the statistics live: in memory per file (an LRU keyed by the file's sha256
 disk per file when a folder is set (:func:`set_disk_cache`: the webui's cache folder, the user's for the
 CLI; keyed by the sha256, :data:`klora.topk.ENGINE_VERSION`, torch's version and the device type, since
 products round differently elsewhere), and per pair (an LRU keyed by both files, the strengths, the scope
-and K). A restart or a second CLI run therefore reads the tables instead of forming the products again.
+and K). A restart or a second CLI run therefore reads the tables instead of forming the products again, and
+finds the files' sha256 in the same folder (:func:`known_files`) instead of hashing them again.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 from klora import kinds, topk
 from klora.cache import LRU
-from klora.diskcache import DEFAULT_MAX_BYTES, LayerStats, StatsCache, is_sha256
+from klora.diskcache import DEFAULT_MAX_BYTES, FileIndex, LayerStats, StatsCache, is_sha256
 from klora.keys import is_attention, is_text_encoder
 from klora.layers import LoraFile, LoraLayer
 
@@ -38,6 +39,7 @@ __all__ = [
     "PairScores",
     "cache_info",
     "clear_cache",
+    "known_files",
     "layer_rank",
     "pair_scores",
     "set_cache_size",
@@ -85,8 +87,8 @@ class _FileTable:
 _DEFAULT_PAIRS = 8
 _pair_cache: LRU[PairScores] = LRU(_DEFAULT_PAIRS)
 _file_cache: LRU[_FileTable] = LRU(2 * _DEFAULT_PAIRS)
-_disk: dict[str, StatsCache] = {}  # device type → the disk store ({} : no disk cache)
-_disk_folder: list[tuple[Path, int]] = []
+_disk: dict[str, StatsCache] = {}  # device type → the disk store of that folder
+_disk_folder: tuple[Path, int] | None = None  # (folder, max bytes), or None: no disk cache
 
 
 def set_cache_size(pairs: int) -> None:
@@ -99,19 +101,24 @@ def set_cache_size(pairs: int) -> None:
 
 def set_disk_cache(folder: str | Path | None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
     """Keep per-file statistics in ``folder`` (bounded to ``max_bytes``, least recently used entries
-    dropped), or on no disk (None)."""
+    dropped), or on no disk (None). The same folder keeps the :func:`known_files` index."""
+    global _disk_folder
     _disk.clear()
-    _disk_folder.clear()
-    if folder is not None and max_bytes > 0:
-        _disk_folder.append((Path(folder), int(max_bytes)))
+    _disk_folder = (Path(folder), int(max_bytes)) if folder is not None and max_bytes > 0 else None
+
+
+def known_files() -> FileIndex | None:
+    """The index of files already read and checked, in the disk cache's folder (None without a disk cache):
+    pass it to :func:`klora.formats.read_lora` so that unchanged files are not hashed again."""
+    return FileIndex(_disk_folder[0]) if _disk_folder is not None else None
 
 
 def _disk_store(device_type: str) -> StatsCache | None:
-    if not _disk_folder:
+    if _disk_folder is None:
         return None
     store = _disk.get(device_type)
     if store is None:
-        folder, max_bytes = _disk_folder[0]
+        folder, max_bytes = _disk_folder
         version = f"{topk.ENGINE_VERSION}|torch {torch.__version__}|{device_type}"
         store = _disk[device_type] = StatsCache(folder, version, max_bytes)
     return store

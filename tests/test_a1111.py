@@ -14,8 +14,10 @@ import copy
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
+import time
 from contextlib import closing
 from pathlib import Path
 from types import SimpleNamespace
@@ -1262,14 +1264,22 @@ def test_settings_and_names(sd15):
     assert scores.cache_info()["pair_size"] == 3
     # the score tables go to the webui's cache folder (modules/cache.py cache_dir), bounded by the setting
     sd15.w.extension.apply_cache_size()
-    assert opts.klora_disk_cache_mb == 256 and scores._disk_folder == [(sd15.tmp / "webui-cache" / "klora",
-                                                                         256 * 2**20)]
+    folder = sd15.tmp / "webui-cache" / "klora"
+    assert opts.klora_disk_cache_mb == 256 and scores._disk_folder == (folder, 256 * 2**20)
+    then = time.time_ns() - 60 * 10**9  # LoRAs saved a minute ago: their sha256 is recorded for restarts
+    for name in ("dog", "watercolor"):
+        os.utime(sd15.w.loras.resolve_lora(name), ns=(then, then))
     p = sd15.txt2img(panel=sd15.panel(enabled=True, content="dog", style="watercolor"))
     sd15.generate(p)
-    assert len(list((sd15.tmp / "webui-cache" / "klora").glob("*.safetensors"))) == 2
+    assert len(list(folder.glob("*.safetensors"))) == 2
+    known = scores.known_files()
+    for name in ("dog", "watercolor"):
+        path = sd15.w.loras.resolve_lora(name)
+        sha256 = sd15.w.loras.read_lora_cached(path).sha256
+        assert known is not None and known.get(path, os.stat(path)) == sha256
     opts.klora_disk_cache_mb = 0
     sd15.w.extension.apply_cache_size()
-    assert scores._disk_folder == []
+    assert scores._disk_folder is None and scores.known_files() is None
     opts.klora_default_pattern = "s*"
     assert sd15.w.extension.panel_defaults().pattern == "s*"
     assert sd15.w.loras.lora_names() == ["cat", "dog", "ink", "watercolor"]

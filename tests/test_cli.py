@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -326,10 +327,13 @@ def test_through_a_real_shell(pair, tmp_path: Path) -> None:
 
 
 def test_a_second_run_reads_the_scores_from_the_disk_cache(pair, tmp_path: Path, monkeypatch) -> None:
-    """The first run writes one table per file into $KLORA_CACHE_DIR; a second process reads them instead of
-    forming the products (a fresh subprocess: nothing in memory) and prints the same plan; --no-cache
-    neither reads nor writes."""
+    """The first run writes one table per file and the files' sha256 into $KLORA_CACHE_DIR; a second process
+    reads them instead of hashing the files and forming the products (a fresh subprocess: nothing in memory)
+    and prints the same plan; --no-cache neither reads nor writes."""
     cache = tmp_path / "cache"
+    then = time.time_ns() - 60 * 10**9  # files saved a minute ago (a file just written is hashed every time)
+    for path in pair:
+        os.utime(path, ns=(then, then))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "KLORA_CACHE_DIR": str(cache)}
     env.pop("KLORA_DEBUG", None)
@@ -342,10 +346,11 @@ def test_a_second_run_reads_the_scores_from_the_disk_cache(pair, tmp_path: Path,
 
     first = run()
     entries = sorted(cache.glob("*.safetensors"))
-    assert len(entries) == 2
+    assert len(entries) == 2 and (cache / "files.json").is_file()
     stamps = [e.stat().st_mtime_ns for e in entries]
-    probe = ("import sys, runpy; import klora.scores as s; "
+    probe = ("import sys, runpy; import klora.scores as s, klora.formats.container as c; "
              "s.layer_stats = lambda *a, **k: sys.exit('a product was formed'); "
+             "c.sha256 = lambda *a, **k: sys.exit('a file was hashed'); "
              f"sys.argv = ['klora', 'inspect', {pair[0]!r}, {pair[1]!r}, '--json', '-']; "
              "runpy.run_module('klora', run_name='__main__')")
     second = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,

@@ -15,6 +15,8 @@ Latents are compared (``output_type="latent"``): the VAE's clipping could hide a
 
 from __future__ import annotations
 
+import os
+import time
 import types
 import warnings
 from collections.abc import Callable
@@ -29,9 +31,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import klora.diffusers as kd
-from klora import options
+from klora import options, scores
 from klora.delta import dense_delta
-from klora.formats import read_lora
+from klora.formats import container, read_lora
 from klora.keys.sd import module_targets
 from klora.layers import LoraFormatError
 
@@ -569,3 +571,30 @@ def test_skipped_layers_are_warned_and_files_may_be_given_read(loras):
     assert fusion.content is content
     assert "skipped 1" in fusion.summary(4)
     assert fusion.selection_map(4).size[0] > 0
+
+
+def test_with_the_disk_cache_on_a_second_process_neither_hashes_nor_scores(loras, tmp_path, monkeypatch):
+    """After ``scores.set_disk_cache``, fuse records the files' hashes and score tables there; with the memory
+    caches gone (as in a new process) the same fusion reads both instead of hashing and forming products."""
+    folder = tmp_path / "klora-cache"
+    then = time.time_ns() - 60 * 10**9
+    paths = loras("sd15")
+    for path in paths:
+        os.utime(path, ns=(then, then))
+    scores.set_disk_cache(folder)
+    scores.clear_cache()  # earlier tests scored this pair in memory
+    try:
+        first = _quiet_fuse(tp.sd15(), *paths).plan
+        assert (folder / "files.json").is_file() and len(list(folder.glob("*.safetensors"))) == 2
+        scores.clear_cache()
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError("hashed or scored again")
+
+        monkeypatch.setattr(container, "sha256", forbidden)
+        monkeypatch.setattr(scores, "layer_stats", forbidden)
+        second = _quiet_fuse(tp.sd15(), *paths).plan
+        assert second.layers == first.layers
+    finally:
+        scores.set_disk_cache(None)
+        scores.clear_cache()

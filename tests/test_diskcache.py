@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from klora import diskcache
-from klora.diskcache import LayerStats, StatsCache, default_cache_dir
+from klora.diskcache import FileIndex, LayerStats, StatsCache, default_cache_dir
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -242,3 +243,66 @@ def test_stores_topk_results(tmp_path):
     cache.put(SHA_A, {"k": LayerStats(l1, top, 640 * 640)})
     got = cache.get(SHA_A)["k"]
     assert got.l1 == l1 and torch.equal(got.top.view(torch.int32), top.view(torch.int32))
+
+
+# ------------------------------------------------------------------------------------------------ FileIndex
+
+
+def _stat(path: Path, size: int, mtime_ns: int) -> os.stat_result:
+    path.write_bytes(b"x" * size)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+    return path.stat()
+
+
+def test_file_index_round_trip_and_identity(tmp_path):
+    index = FileIndex(tmp_path / "c")
+    st = _stat(tmp_path / "a.safetensors", 10, 10**18)
+    assert index.get(tmp_path / "a.safetensors", st) is None  # no index file yet
+    assert index.put(tmp_path / "a.safetensors", st, SHA_A)
+    assert index.get(tmp_path / "a.safetensors", st) == SHA_A
+    same_file = str(tmp_path / "sub" / ".." / "a.safetensors")  # compared by real path
+    assert FileIndex(tmp_path / "c").get(same_file, st) == SHA_A
+    # another size or mtime is another file
+    assert index.get(tmp_path / "a.safetensors", _stat(tmp_path / "a.safetensors", 11, 10**18)) is None
+    assert index.get(tmp_path / "a.safetensors", _stat(tmp_path / "a.safetensors", 10, 10**18 + 1)) is None
+    assert index.get(tmp_path / "b.safetensors", st) is None
+    with pytest.raises(ValueError, match="sha256"):
+        index.put(tmp_path / "a.safetensors", st, "not a digest")
+
+
+@pytest.mark.parametrize("damage", [b"", b"{not json", b"[1, 2]", b'{"format": "other", "files": {}}',
+                                    b'{"format": "klora-file-index/1", "files": []}'])
+def test_file_index_damaged_is_empty_and_rewritten(tmp_path, damage):
+    index = FileIndex(tmp_path)
+    st = _stat(tmp_path / "a.safetensors", 10, 10**18)
+    index.path.write_bytes(damage)
+    assert index.get(tmp_path / "a.safetensors", st) is None
+    assert index.put(tmp_path / "a.safetensors", st, SHA_A)
+    assert index.get(tmp_path / "a.safetensors", st) == SHA_A
+
+
+def test_file_index_entry_of_wrong_form_is_a_miss(tmp_path):
+    index = FileIndex(tmp_path)
+    st = _stat(tmp_path / "a.safetensors", 10, 10**18)
+    key = os.path.realpath(tmp_path / "a.safetensors")
+    for entry in ([10, 10**18, "A" * 64], [10, 10**18], "x", [10, 10**18, SHA_A, 1]):
+        index.path.write_text(json.dumps({"format": "klora-file-index/1", "files": {key: entry}}))
+        assert index.get(tmp_path / "a.safetensors", st) is None
+
+
+def test_file_index_keeps_the_newest_entries(tmp_path):
+    index = FileIndex(tmp_path / "c", max_entries=3)
+    stats = [_stat(tmp_path / f"{i}.safetensors", 10, 10**18) for i in range(5)]
+    for i, st in enumerate(stats):
+        index.put(tmp_path / f"{i}.safetensors", st, f"{i:x}" * 64)
+    index.put(tmp_path / "2.safetensors", stats[2], "2" * 64)  # recorded again: newest
+    got = [index.get(tmp_path / f"{i}.safetensors", st) for i, st in enumerate(stats)]
+    assert got == [None, None, "2" * 64, "3" * 64, "4" * 64]
+
+
+def test_file_index_unwritable_folder_is_quiet(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    index = FileIndex(tmp_path / "file" / "c")  # its parent is a file: cannot be created
+    st = _stat(tmp_path / "a.safetensors", 10, 10**18)
+    assert index.put(tmp_path / "a.safetensors", st, SHA_A) is False
+    assert index.get(tmp_path / "a.safetensors", st) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import pickle
 import struct
 import time
@@ -28,6 +29,7 @@ from synth import (
     write_tensors,
 )
 
+from klora.diskcache import FileIndex
 from klora.formats import container, read_lora
 from klora.keys import layer_order
 from klora.layers import LoraFile, LoraFormatError
@@ -529,3 +531,71 @@ def test_save_file_roundtrip_of_metadata(tmp_path: Path) -> None:
     p = tmp_path / "m.safetensors"
     save_file(_kohya_layer("lora_unet_a"), str(p), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     assert read_lora(p).metadata == {"ss_base_model_version": "sdxl_base_v1-0"}
+
+
+def _aged(path: Path, seconds: float = 60.0) -> Path:
+    """Set the mtime ``seconds`` back, as a file downloaded earlier has (a just-written one is racy)."""
+    then = time.time_ns() - int(seconds * 1e9)
+    os.utime(path, ns=(then, then))
+    return path
+
+
+def test_known_files_are_not_hashed_or_checked_again(tmp_path: Path, monkeypatch) -> None:
+    """With an index, the first read hashes, checks and records the file; a second read of the unchanged file
+    takes the sha256 from the index and neither hashes nor scans the weights; its layers are the same."""
+    index = FileIndex(tmp_path / "cache")
+    p = _aged(write_kohya(tmp_path / "k.safetensors", SD_MIX, seed=3))
+    first = read_lora(p, index)
+    assert first.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert index.get(p, p.stat()) == first.sha256
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("hashed or checked again")
+
+    monkeypatch.setattr(container, "sha256", forbidden)
+    monkeypatch.setattr(container, "check_finite", forbidden)
+    second = read_lora(p, index)
+    assert second.sha256 == first.sha256 and second.layers.keys() == first.layers.keys()
+    assert all(torch.equal(a.tensors[r], b.tensors[r]) for a, b in zip(first.layers.values(),
+               second.layers.values(), strict=True) for r in a.tensors)
+    with pytest.raises(AssertionError, match="again"):
+        read_lora(p)  # no index: always hashed
+
+
+def test_a_changed_or_fresh_file_is_hashed_and_checked(tmp_path: Path) -> None:
+    """A new mtime or size means new bytes: hashed and checked again (NaN found, not recorded); a file
+    written in the last two seconds is read but not recorded (its mtime may not yet tell its bytes apart)."""
+    index = FileIndex(tmp_path / "cache")
+    t = {**_kohya_layer("lora_unet_a_proj_in"), **_kohya_layer("lora_unet_b_proj_in")}
+    p = _aged(write_tensors(tmp_path / "n.safetensors", t))
+    good = read_lora(p, index).sha256
+    t["lora_unet_b_proj_in.lora_up.weight"][0, 0] = float("nan")  # same size, new bytes
+    _aged(write_tensors(p, t), 30)
+    with pytest.raises(LoraFormatError, match="NaN"):
+        read_lora(p, index)
+    assert index.get(p, p.stat()) is None
+    t["lora_unet_b_proj_in.lora_up.weight"][0, 0] = 0.5
+    write_tensors(p, t)  # fresh: read, hashed, not recorded
+    fresh = read_lora(p, index)
+    assert fresh.sha256 != good and index.get(p, p.stat()) is None
+    _aged(p)
+    assert read_lora(p, index).sha256 == fresh.sha256 == index.get(p, p.stat())
+
+
+def test_a_file_written_while_read_is_not_trusted(tmp_path: Path, monkeypatch) -> None:
+    """If the file changes between the index lookup and the end of the read, the index is not believed: the
+    bytes read are hashed and checked."""
+    index = FileIndex(tmp_path / "cache")
+    t = {**_kohya_layer("lora_unet_a_proj_in"), **_kohya_layer("lora_unet_b_proj_in")}
+    p = _aged(write_tensors(tmp_path / "n.safetensors", t))
+    read_lora(p, index)
+    t["lora_unet_b_proj_in.lora_up.weight"][0, 0] = float("inf")
+    real_read = container.read_bytes
+
+    def read_while_rewritten(path: Path) -> bytearray:
+        write_tensors(p, t)  # a trainer saving over it as we read
+        return real_read(path)
+
+    monkeypatch.setattr(container, "read_bytes", read_while_rewritten)
+    with pytest.raises(LoraFormatError, match="Inf"):
+        read_lora(p, index)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from klora import keys, kinds
+from klora.diskcache import FileIndex
 from klora.formats import container
 from klora.formats.dit import DitScheme
 from klora.formats.flux import FluxScheme
@@ -106,15 +107,21 @@ def _scalar(path: str, name: str, t: torch.Tensor) -> float:
     return v
 
 
-def read_lora(path: str | Path) -> LoraFile:
+def read_lora(path: str | Path, index: FileIndex | None = None) -> LoraFile:
     """Read a ``.safetensors`` LoRA file into canonical layers, or raise :class:`LoraFormatError`.
 
     Tensors stay in the file's dtype (consumers compute in float32). The file is read once: its bytes are
     hashed (sha256, so that results can be cached by content), checked, and the tensors are views of them.
+    With an ``index`` (:class:`klora.diskcache.FileIndex`), a file it lists unchanged since it was last read
+    and found valid is not hashed or checked for NaN/Inf again, and a newly read one is recorded.
     """
     p, ps = Path(path), str(path)
     container.check_path(p)
+    before = container.stat(p)
+    known = index.get(p, before) if index is not None else None
     data = container.read_bytes(p)
+    if known is not None and not container.settled(p, before):
+        known = None  # written while we read it: hash and check what was read
     header, metadata, data_start = container.parse_header(ps, data)
     names = [k for k in header if not k.startswith(_IGNORED_PREFIXES)]
     shapes = {n: header[n]["shape"] for n in names}
@@ -147,8 +154,9 @@ def read_lora(path: str | Path) -> LoraFile:
                               unknown[0])
 
     # 2. Check, load and assemble.
-    container.check_finite(ps, data, data_start, header)
-    sha256 = container.sha256(data)
+    if known is None:
+        container.check_finite(ps, data, data_start, header)
+    sha256 = known or container.sha256(data)
     peft = PeftConfig(metadata, ps)
     layers: dict[str, LoraLayer] = {}
 
@@ -162,6 +170,8 @@ def read_lora(path: str | Path) -> LoraFile:
                                           f"(also {layers[layer.key].file_key})", layer.file_key)
             layers[layer.key] = layer
     ordered = {k: layers[k] for k in sorted(layers, key=keys.layer_order)}
+    if index is not None and known is None and container.settled(p, before):
+        index.put(p, before, sha256)
     return LoraFile(path=ps, name=p.stem, sha256=sha256, layers=ordered, metadata=metadata)
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +42,29 @@ def check_path(p: Path) -> None:
         raise LoraFormatError(str(p), f"{p.suffix} files are pickled checkpoints; they are not opened "
                                       "because unpickling can run code — use the .safetensors version of "
                                       "this LoRA")
+
+
+def stat(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except OSError as e:
+        raise LoraFormatError(str(path), f"cannot read the file: {e.strerror or e}") from None
+
+
+#: A file modified less than this long ago may still be being written within one tick of its mtime, so its
+#: (size, mtime) cannot yet vouch for its bytes (git's "racy" rule).
+SETTLE_NS = 2 * 10**9
+
+
+def settled(path: Path, before: os.stat_result) -> bool:
+    """Whether ``path`` still has the size and mtime of ``before`` (it was not written while being read), and
+    that mtime is :data:`SETTLE_NS` old: then (size, mtime) identify the bytes just read."""
+    try:
+        now = path.stat()
+    except OSError:
+        return False
+    same = (now.st_size, now.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    return same and time.time_ns() - before.st_mtime_ns >= SETTLE_NS
 
 
 def read_bytes(path: Path) -> bytearray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from klora import scores
 from klora.cache import LRU
 from klora.formats import read_lora
 from klora.layers import LoraFile
@@ -93,7 +94,8 @@ _files: LRU[LoraFile] = LRU(FILE_CACHE_SIZE)
 
 
 def read_lora_cached(path: str) -> LoraFile:
-    """:func:`klora.formats.read_lora`, cached by (path, mtime, size) so a file is read and hashed once."""
+    """:func:`klora.formats.read_lora`, cached by (path, mtime, size) so a file is read and hashed once (once
+    across restarts too, through the disk cache's index of known files)."""
     try:
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
@@ -101,7 +103,7 @@ def read_lora_cached(path: str) -> LoraFile:
         return read_lora(path)  # raises the format error with the reason
     hit = _files.get(key)
     if hit is None:
-        hit = read_lora(path)
+        hit = read_lora(path, scores.known_files())
         _files.put(key, hit)
     return hit
 
