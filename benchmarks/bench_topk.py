@@ -1,11 +1,12 @@
 """Per-layer L1 and Top-K of |U| for SDXL LoRA pairs, and whole-process scoring: naive against ours.
 
-Pairs (random kohya-like factors; shapes of the SDXL UNet from diffusers' config on the meta device):
+Pairs (random kohya-like factors; shapes of the SDXL UNet from diffusers' config on the meta device;
+float16 files, as trainers write them):
 
-* ``r32 x r32``: the 560 attention projections, both LoRAs rank 32, K = 1024 per layer;
+* ``r32 x r32``: the 560 attention projections, both LoRAs rank 32, K = 1024 per layer (93 MB files);
 * ``r8 x r32``: the same layers, ranks 8 and 32, K = 256 (``bench_scoring.py``'s pair);
 * ``all r32 x r64`` (``--pairs all``): every Linear and Conv2d of the UNet (attention, feed-forward,
-  resnet convs, …: 794 layers), ranks 32 and 64, K = 2048, float16 files as trainers write them.
+  resnet convs, …: 794 layers), ranks 32 and 64, K = 2048.
 
 For each layer and file: ``U = up @ down`` (float32; a conv's factors flattened), L1 = Σ|U| and the K
 largest |U|.
@@ -41,6 +42,7 @@ Children run with ``OMP_NUM_THREADS=1`` (and ``torch.set_num_threads(1)``) unles
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import statistics
 import subprocess
@@ -61,8 +63,8 @@ from tests.synth import sdxl_unet_shapes, select, write_kohya  # noqa: E402
 
 Factors = list[tuple[torch.Tensor, torch.Tensor]]  # (up, down) per layer, float32, flattened to 2-D
 PAIRS = {  # name → (layers, content rank, style rank, file dtype)
-    "r32": ("attention", 32, 32, torch.float32),
-    "r8": ("attention", 8, 32, torch.float32),
+    "r32": ("attention", 32, 32, torch.float16),
+    "r8": ("attention", 8, 32, torch.float16),
     "all": ("all", 32, 64, torch.float16),
 }
 
@@ -254,6 +256,9 @@ def run_child(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 
 def whole_process(names: list[str], folder: Path, reps: int, threads: int) -> None:
+    # children read bytecode as a user's Python does, even where PYTHONDONTWRITEBYTECODE keeps them from
+    # writing it (then every run would compile the package again)
+    compileall.compile_dir(ROOT / "klora", quiet=1)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                BENCH_THREADS=str(threads), KLORA_CACHE_DIR=str(folder / "cache"))
     if threads:

@@ -13,6 +13,7 @@ OneTrainer ``lora_transformer_``, and the text encoders as ``text_encoders.<enco
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 from klora.formats.scheme import (
@@ -30,6 +31,7 @@ _FLAT_PREFIXES = ("lora_unet__", "lora_unet_", "lora_transformer_", "lycoris_")
 _DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def denoiser_path(module: str) -> str:
     """A file's module spelling with its denoiser prefix taken off, flattened ('.' → '_'): the path below the
     diffusion model, in whichever naming the file uses. (Neo renames ``lora_unet__`` to ``lora_unet_``.)"""

@@ -6,6 +6,7 @@ file key and the row split of a fused layer."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ PEFT_NAMED_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])\.[A-Za-z0-9_]+\.wei
 """PEFT with a named adapter: ``….lora_A.default.weight``."""
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def split_tensor_name(name: str) -> tuple[str, str, str] | None:
     """(module, kind, role) of a tensor name by the kinds' suffixes and PEFT's named-adapter form; kind ""
-    for ``.alpha``; None for other names."""
+    for ``.alpha``; None for other names. Cached: every scheme's ``claims`` asks it of every name."""
     for suffix, kind, role in kinds.SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)], kind, role
