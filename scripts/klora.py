@@ -103,8 +103,4 @@ def _wanted(p: Any, args: tuple[Any, ...]) -> bool:
 
 
 if ext is not None:
-    script_callbacks.on_cfg_denoiser(ext.on_cfg_denoiser, name="klora_step")
-    script_callbacks.on_before_ui(ext.on_before_ui, name="klora_tag_and_xyz")
-    script_callbacks.on_ui_settings(ext.on_ui_settings, name="klora_settings")
-    script_callbacks.on_script_unloaded(ext.on_script_unloaded, name="klora_cleanup")
-    script_callbacks.on_app_started(ext.on_app_started, name="klora_api_check")
+    ext.register_callbacks(script_callbacks)

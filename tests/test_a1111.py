@@ -425,6 +425,27 @@ def test_script_registers_with_the_webui(sd15):
     assert len(sd15.w.callbacks.callback_map["callbacks_cfg_denoiser"]) == 1
 
 
+def test_callbacks_register_on_webuis_before_1_8(sd15, monkeypatch):
+    """A1111 1.6 and 1.7 take no callback name: modules/script_callbacks.py of v1.7.0 has
+    ``on_cfg_denoiser(callback)`` and ``add_callback(callbacks, fun)``. The script loads there too."""
+    callbacks = sd15.w.callbacks
+    events = {"on_cfg_denoiser": "callbacks_cfg_denoiser", "on_before_ui": "callbacks_before_ui",
+              "on_ui_settings": "callbacks_ui_settings", "on_script_unloaded": "callbacks_script_unloaded",
+              "on_app_started": "callbacks_app_started"}
+    for event, key in events.items():
+        def register(callback, key=key):  # v1.7.0's signature: the callback alone
+            callbacks.callback_map[key].append(callbacks.ScriptCallback("klora.py", callback, None))
+
+        monkeypatch.setattr(callbacks, event, register)
+    callbacks.clear_callbacks()
+    spec = importlib.util.spec_from_file_location("klora.py", ROOT / "scripts" / "klora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for key in events.values():
+        assert len(callbacks.callback_map[key]) == 1
+    assert callbacks.callback_map["callbacks_cfg_denoiser"][0].callback == module.ext.on_cfg_denoiser
+
+
 def test_txt2img_applies_the_plan_at_every_step(sd15):
     obs = Observer(sd15)
     panel = sd15.panel(enabled=True, content="dog", style="watercolor", show_map=True)

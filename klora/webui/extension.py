@@ -5,6 +5,7 @@ the tag's extra network, the Analyze button, the settings and the panel. ``scrip
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Iterable
@@ -208,6 +209,23 @@ class Extension:
                     infotexts.append(infotexts[0])
 
     # -- callbacks -------------------------------------------------------------------------------
+
+    def register_callbacks(self, script_callbacks: Any) -> None:
+        """Register the callbacks below with the webui's ``modules.script_callbacks``, by name where it takes
+        one (A1111 1.8 and later, Forge, Neo: the names order callbacks in the settings; 1.6 and 1.7 take the
+        callback alone)."""
+        for event, callback, name in (
+            ("on_cfg_denoiser", self.on_cfg_denoiser, "klora_step"),
+            ("on_before_ui", self.on_before_ui, "klora_tag_and_xyz"),
+            ("on_ui_settings", self.on_ui_settings, "klora_settings"),
+            ("on_script_unloaded", self.on_script_unloaded, "klora_cleanup"),
+            ("on_app_started", self.on_app_started, "klora_api_check"),
+        ):
+            register = getattr(script_callbacks, event)
+            if "name" in inspect.signature(register).parameters:
+                register(callback, name=name)
+            else:
+                register(callback)
 
     def on_cfg_denoiser(self, params: Any) -> None:
         """``script_callbacks.on_cfg_denoiser``: set τ before the model call(s) of each denoiser step."""

@@ -77,7 +77,9 @@ def assert_no_klora(gen: Generation) -> None:
 # registration
 
 
-def test_script_info_lists_every_argument(webui: Webui) -> None:
+def test_script_info_lists_every_argument(webui: Webui, baseline: Generation) -> None:
+    # 1.6 validates every choice as a string; the builtin scripts' radios (and K-LoRA's) give (label, value)
+    _needs_webui(baseline, (1, 7), "/sdapi/v1/script-info answers HTTP 500 on A1111 1.6 (radio choices)")
     infos = [s for s in webui.get("/sdapi/v1/script-info") if s["name"] == "k-lora"]
     assert {s["is_img2img"] for s in infos} == {False, True}, infos
     for info in infos:
@@ -249,6 +251,7 @@ def test_png_info_reads_the_field_back(webui: Webui) -> None:
     assert r.status == 200, r.brief()
     data = r.json()
     assert data["info"] == gen.infotext
+    _needs_parsed_png_info(gen)
     value = data["parameters"].get("K-LoRA")
     assert value == gen.klora, data["parameters"]
     args = infotext.parse_infotext(value)
@@ -258,8 +261,23 @@ def test_png_info_reads_the_field_back(webui: Webui) -> None:
     assert (args.gamma, args.gamma_value, args.mode, args.te) == ("manual", 1.7, "topk", "content")
 
 
+def _needs_webui(gen: Generation, version: tuple[int, ...], why: str) -> None:
+    """Skip the rest of a test on an A1111 older than ``version`` (as the infotext of ``gen`` says)."""
+    if gen.webui_version and gen.webui_version < version:
+        pytest.skip(why)
+
+
+def _needs_infotext_requests(gen: Generation) -> None:
+    _needs_webui(gen, (1, 8), "the API's infotext field came with A1111 1.8")
+
+
+def _needs_parsed_png_info(gen: Generation) -> None:
+    _needs_webui(gen, (1, 7), "/sdapi/v1/png-info parses the fields since A1111 1.7")
+
+
 def test_infotext_request_reproduces_the_image(webui: Webui, panel: Generation) -> None:
     """``{"infotext": …}`` alone fills the prompt, seed, size … and the K-LoRA panel (its paste fields)."""
+    _needs_infotext_requests(panel)
     r = webui.post("/sdapi/v1/txt2img", {"infotext": panel.infotext})
     assert r.status == 200, r.brief()
     gen = Webui.generation({"infotext": panel.infotext}, r.json())
@@ -346,9 +364,11 @@ def test_pasting_a_warning_infotext_does_not_enable_klora(webui: Webui, baseline
         webui, baseline, MISSING, prompt=f"{baseline.request['prompt']} <klora:{MISSING}:{STYLE}>")
     r = webui.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + gen.b64[0]})
     assert r.status == 200, r.brief()
+    _needs_parsed_png_info(gen)
     params = r.json()["parameters"]
     assert params.get(infotext.WARNING_KEY) == gen.fields[infotext.WARNING_KEY] and "K-LoRA" not in params
     assert infotext.infotext_paste_values(params) == {"enabled": False}
+    _needs_infotext_requests(gen)
     body = {"infotext": gen.infotext, "prompt": baseline.request["prompt"]}
     r = webui.post("/sdapi/v1/txt2img", body)
     assert r.status == 200, r.brief()

@@ -88,6 +88,13 @@ class Generation:
         """The ``K-LoRA`` infotext field (unquoted), or None."""
         return self.fields.get("K-LoRA")
 
+    @property
+    def webui_version(self) -> tuple[int, ...]:
+        """The webui's version from the infotext's ``Version`` field (``v1.10.1`` → (1, 10, 1)); () if absent
+        or not a release number (a fork's own scheme)."""
+        m = re.match(r"v?(\d+(?:\.\d+)*)", self.fields.get("Version", ""))
+        return tuple(int(x) for x in m.group(1).split(".")) if m else ()
+
     def messages(self) -> list[str]:
         """Texts the API shows besides the prompt: extra generation params and any ``comments``."""
         out = [str(v) for v in (self.info.get("extra_generation_params") or {}).values()]
