@@ -179,7 +179,7 @@ class StatsCache:
                 total -= size
 
     def clear(self) -> None:
-        """Delete every entry of this folder (all versions)."""
+        """Delete every entry of this folder (all versions), and its :class:`FileIndex`."""
         try:
             names = os.listdir(self.folder)
         except OSError:
@@ -187,6 +187,7 @@ class StatsCache:
         for name in names:
             if name.endswith(_SUFFIX) and (_SHA256.match(name[:64]) or name.startswith(_TMP_PREFIX)):
                 _unlink(self.folder / name)
+        _unlink(self.folder / FileIndex.NAME)
 
 
 class FileIndex:

@@ -164,8 +164,11 @@ def test_foreign_files_untouched_and_tmp_cleanup(tmp_path):
     assert (tmp_path / "notes.txt").exists() and (tmp_path / "model.safetensors").exists()
     assert not stale.exists() and fresh.exists()
     assert not cache.path(SHA_A).exists()  # bigger than the bound: not kept
+    index = FileIndex(tmp_path)
+    index.put(tmp_path / "notes.txt", (tmp_path / "notes.txt").stat(), SHA_B)
     cache.clear()
     assert not fresh.exists() and (tmp_path / "model.safetensors").exists()
+    assert not index.path.exists() and (tmp_path / "notes.txt").exists()
 
 
 def test_unwritable_folder_is_quiet(tmp_path):
